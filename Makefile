@@ -1,0 +1,43 @@
+# The README's two commands:  make serve   and   make test
+# Each creates its own virtual environment on first use (re-created when pyproject.toml changes).
+
+PYTHON ?= python3
+SERVE_VENV := .venv-serve
+DEV_VENV := .venv
+SERVE_ARGS ?=
+
+.PHONY: serve test train-policies play clean-venvs
+
+## Serve every model in models/ (policy :3001, generator :3002, classifier :3003); Ctrl-C stops.
+serve: $(SERVE_VENV)/.installed
+	$(SERVE_VENV)/bin/python -m services $(SERVE_ARGS)
+
+## Run the whole test suite (real servers, real training, real ONNX export).
+test: $(DEV_VENV)/.installed
+	$(DEV_VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+## Reproduce the shipped policies (writes a new version under models/).
+train-policies: $(DEV_VENV)/.installed
+	$(DEV_VENV)/bin/python -m training policy --env CartPole-v1 --name cartpole --seed 0 --min-return 475
+	$(DEV_VENV)/bin/python -m training policy --env LunarLander-v3 --name lunarlander --seed 0 --min-return 200
+
+## Drive CartPole-v1 with the served policy over HTTP.
+play: $(DEV_VENV)/.installed
+	$(DEV_VENV)/bin/python -m training play --env CartPole-v1 --url http://127.0.0.1:3001 --episodes 10
+
+# Serving only: no torch, as in the container image.
+$(SERVE_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(SERVE_VENV)
+	$(SERVE_VENV)/bin/pip install --quiet --upgrade pip
+	$(SERVE_VENV)/bin/pip install --quiet -e .
+	touch $@
+
+# Everything: serving, training (torch), load testing, tests.
+$(DEV_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(DEV_VENV)
+	$(DEV_VENV)/bin/pip install --quiet --upgrade pip
+	$(DEV_VENV)/bin/pip install --quiet -e ".[train,loadtest,dev]"
+	touch $@
+
+clean-venvs:
+	rm -rf $(SERVE_VENV) $(DEV_VENV)
