@@ -1,0 +1,1 @@
+"""BentoML services (policy, generator, classifier) and the runtime they share."""

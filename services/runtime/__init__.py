@@ -1,0 +1,17 @@
+"""The serving runtime shared by every service: model repository, device choice, sessions,
+adaptive batching, limits, errors, auth and metrics. Services hold one Runtime each."""
+
+from services.runtime.config import Settings
+from services.runtime.core import LoadedModel, Runtime
+from services.runtime.errors import ApiError, api_errors, bad_request
+from services.runtime.http import ServiceHttp
+
+
+def add_http_layer(service, name: str, settings: Settings | None = None) -> None:
+    """Wrap a BentoML service in the shared HTTP layer (auth, body limit, error shape, /info)."""
+    settings = settings or Settings.from_env()
+    service.add_asgi_middleware(ServiceHttp, service=name, max_body_bytes=settings.max_body_bytes,
+                                api_key=settings.api_key)
+
+
+__all__ = ["ApiError", "LoadedModel", "Runtime", "Settings", "add_http_layer", "api_errors", "bad_request"]

@@ -1,0 +1,87 @@
+"""Settings, read once from the environment. The README's configuration table lists them."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def _int(name: str, default: int, minimum: int = 0) -> int:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"{name}={raw!r} is not an integer") from None
+    if value < minimum:
+        raise ValueError(f"{name}={value} must be at least {minimum}")
+    return value
+
+
+def _float(name: str, default: float) -> float:
+    raw = os.environ.get(name, "").strip()
+    try:
+        return float(raw) if raw else default
+    except ValueError:
+        raise ValueError(f"{name}={raw!r} is not a number") from None
+
+
+def _pins(raw: str) -> dict[str, str]:
+    """MODEL_VERSIONS="cartpole=1,lunarlander=3" pins versions; unpinned models take the newest."""
+    pins = {}
+    for item in filter(None, (part.strip() for part in raw.split(","))):
+        name, sep, version = item.partition("=")
+        if not sep or not version.strip().isdigit():
+            raise ValueError(f"MODEL_VERSIONS entry {item!r} is not name=<integer version>")
+        pins[name.strip()] = version.strip()
+    return pins
+
+
+@dataclass(frozen=True)
+class Settings:
+    models_dir: Path = Path("models")
+    device: str = "auto"
+    api_key: str | None = None
+    max_body_bytes: int = 8 * 1024 * 1024
+    max_batch_size: int = 256          # items (observations, images) in one request
+    batching: bool = True              # merge concurrent requests into one inference batch
+    batch_max_rows: int = 512          # rows in one merged inference batch
+    batch_wait_ms: float = 0.0         # extra wait for more requests once one is queued
+    infer_threads: int = 0             # onnxruntime intra-op threads; 0 lets onnxruntime choose
+    warmup_min_seconds: float = 0.0    # keep warming up at least this long before ready
+    model_versions: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_env(cls) -> "Settings":
+        device = os.environ.get("INFER_DEVICE", "auto").strip().lower() or "auto"
+        if device not in DEVICES:
+            raise ValueError(f"INFER_DEVICE={device!r} must be one of {', '.join(DEVICES)}")
+        batching = os.environ.get("ADAPTIVE_BATCHING", "on").strip().lower()
+        if batching not in ("on", "off", "1", "0", "true", "false"):
+            raise ValueError(f"ADAPTIVE_BATCHING={batching!r} must be on or off")
+        return cls(
+            models_dir=Path(os.environ.get("MODELS_DIR", "models")),
+            device=device,
+            api_key=os.environ.get("API_KEY") or None,
+            max_body_bytes=_int("MAX_BODY_BYTES", cls.max_body_bytes, minimum=1),
+            max_batch_size=_int("MAX_BATCH_SIZE", cls.max_batch_size, minimum=1),
+            batching=batching in ("on", "1", "true"),
+            batch_max_rows=_int("BATCH_MAX_ROWS", cls.batch_max_rows, minimum=1),
+            batch_wait_ms=_float("BATCH_WAIT_MS", cls.batch_wait_ms),
+            infer_threads=_int("INFER_THREADS", cls.infer_threads),
+            warmup_min_seconds=_float("WARMUP_MIN_SECONDS", cls.warmup_min_seconds),
+            model_versions=_pins(os.environ.get("MODEL_VERSIONS", "")),
+        )
+
+    def limits(self) -> dict:
+        return {
+            "max_body_bytes": self.max_body_bytes,
+            "max_batch_size": self.max_batch_size,
+            "adaptive_batching": self.batching,
+            "batch_max_rows": self.batch_max_rows,
+            "batch_wait_ms": self.batch_wait_ms,
+        }

@@ -1,0 +1,49 @@
+"""One JSON shape for every 4xx/5xx the services answer:
+
+    {"error": {"status": 400, "code": "invalid_observation",
+               "field": "observations[3]", "message": "expected shape [4], got [3]"}}
+
+API methods raise ApiError; the @api_errors decorator turns it into that response.
+BentoML's own errors (request validation, unknown routes) are reshaped into the same
+form by the HTTP layer (http.py).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+from starlette.responses import JSONResponse
+
+
+def error_body(status: int, code: str, message: str, field: str | None = None, **extra: Any) -> dict:
+    error = {"status": status, "code": code, "field": field, "message": message}
+    error.update(extra)
+    return {"error": error}
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, code: str, message: str, field: str | None = None, **extra: Any):
+        super().__init__(message)
+        self.status, self.code, self.message, self.field, self.extra = status, code, message, field, extra
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(error_body(self.status, self.code, self.message, self.field, **self.extra),
+                            status_code=self.status)
+
+
+def bad_request(code: str, message: str, field: str | None = None) -> ApiError:
+    return ApiError(400, code, message, field)
+
+
+def api_errors(func):
+    """Decorate an async API method: an ApiError becomes its JSON response."""
+
+    @functools.wraps(func)
+    async def wrapper(*args, **kwargs):
+        try:
+            return await func(*args, **kwargs)
+        except ApiError as exc:
+            return exc.response()
+
+    return wrapper

@@ -1,0 +1,35 @@
+"""Prometheus metrics beyond BentoML's own, exposed on the same /metrics.
+
+Created on first use inside the worker process: BentoML sets PROMETHEUS_MULTIPROC_DIR
+when the worker starts, after the service module is imported, and prometheus_client
+must see it before any metric is made.
+"""
+
+from __future__ import annotations
+
+import functools
+
+
+@functools.lru_cache(maxsize=1)
+def metrics():
+    import prometheus_client as prom
+
+    return {
+        "inference_seconds": prom.Histogram(
+            "model_inference_seconds", "Time of one onnxruntime run (one batch)",
+            ["service", "model", "version", "provider"],
+            buckets=(0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+        ),
+        "batch_size": prom.Histogram(
+            "model_batch_size", "Rows per inference batch formed by adaptive batching",
+            ["service", "model"],
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024),
+        ),
+        "model_info": prom.Gauge(
+            "model_info", "Loaded model version (value 1), with the provider in use",
+            ["service", "model", "version", "sha256", "provider"], multiprocess_mode="liveall",
+        ),
+        "errors": prom.Counter(
+            "api_errors", "Error responses by code", ["service", "status", "code"],
+        ),
+    }
