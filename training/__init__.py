@@ -1,0 +1,1 @@
+"""Offline tools: train, evaluate and export models into the model repository (models/)."""

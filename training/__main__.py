@@ -1,0 +1,22 @@
+"""python -m training <command> ...: the project's offline tools.
+
+  policy   train, evaluate and export an RL policy (training/policy.py)
+  play     drive a gymnasium environment with a served policy over HTTP (training/play.py)
+"""
+
+import importlib
+import sys
+
+COMMANDS = {"policy": "training.policy", "play": "training.play"}
+
+
+def main() -> None:
+    if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:
+        print(__doc__)
+        sys.exit(0 if len(sys.argv) > 1 and sys.argv[1] in ("-h", "--help") else 2)
+    module = importlib.import_module(COMMANDS[sys.argv[1]])
+    module.main(sys.argv[2:])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,51 @@
+"""Model cards: the JSON written beside every exported model.onnx.
+
+The serving runtime reads the same file (services/runtime/repository.py) and refuses a
+model whose sha256 does not match its card.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import platform
+from pathlib import Path
+
+from services.runtime.repository import CARD_FILE, MODEL_FILE, sha256_file, version_dirs, write_json_atomic
+
+
+def new_version_dir(models_dir: Path, name: str, version: int | None = None) -> Path:
+    """models/<name>/<version>/, version defaulting to one past the newest present."""
+    existing = version_dirs(Path(models_dir) / name)
+    number = version if version is not None else (int(existing[-1].name) + 1 if existing else 1)
+    out = Path(models_dir) / name / str(number)
+    if (out / CARD_FILE).exists():
+        raise SystemExit(f"{out} already holds a model; pick another --version")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def software_versions(packages: list[str]) -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for package in packages + ["onnxruntime-gpu", "onnxruntime", "numpy"]:
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+def write_card(out: Path, card: dict, extra_packages: list[str]) -> dict:
+    """Finish the card (file, size, sha256, software versions) and write it last.
+
+    The card is written after the ONNX file, atomically, so a folder with a card always
+    holds a complete model: the runtime ignores folders without one.
+    """
+    model = out / MODEL_FILE
+    card = dict(card)
+    card["file"] = MODEL_FILE
+    card["bytes"] = model.stat().st_size
+    card["sha256"] = sha256_file(model)
+    card["software"] = software_versions(extra_packages)
+    write_json_atomic(out / CARD_FILE, card)
+    return card
