@@ -1,0 +1,5 @@
+import sys
+
+from services.launch import main
+
+sys.exit(main())

@@ -1,0 +1,152 @@
+"""Serve every service that has models in the repository, each as a real `bentoml serve`.
+
+    python -m services [--host 127.0.0.1] [--port policy=3001] [--models-dir models]
+
+Starts one process per service whose kind has at least one model in models/, waits until
+each answers /readyz, prints the URLs, and stops them all on Ctrl-C (or SIGTERM).
+A service whose models fail to load never becomes ready: its log line is printed and the
+launcher stops everything with exit status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from services.runtime.repository import list_models
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class ServiceSpec:
+    name: str
+    target: str  # bentoml serve target, module:Class
+    port: int
+    kind: str
+
+    @property
+    def module_file(self) -> Path:
+        return ROOT / (self.target.split(":")[0].replace(".", "/") + ".py")
+
+
+SERVICES = [
+    ServiceSpec("policy", "services.policy:Policy", 3001, "policy"),
+    ServiceSpec("generator", "services.generator:Generator", 3002, "generator"),
+    ServiceSpec("classifier", "services.classifier:Classifier", 3003, "classifier"),
+]
+
+
+def servable(models_dir: Path) -> list[ServiceSpec]:
+    """The services that exist in this checkout and have at least one model to serve."""
+    return [s for s in SERVICES if s.module_file.exists() and list_models(models_dir, s.kind)]
+
+
+def start(spec: ServiceSpec, port: int, host: str = "127.0.0.1", env: dict | None = None,
+          log_file=None) -> subprocess.Popen:
+    """Start `bentoml serve` for one service in its own process group."""
+    command = [sys.executable, "-m", "bentoml", "serve", spec.target, "--host", host, "--port", str(port)]
+    return subprocess.Popen(command, cwd=ROOT, env={**os.environ, **(env or {})}, start_new_session=True,
+                            stdout=log_file, stderr=subprocess.STDOUT if log_file else None)
+
+
+def wait_ready(url: str, process: subprocess.Popen, timeout: float) -> bool:
+    """Poll GET url/readyz until 200; False if the process exits or the time runs out."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            return False
+        try:
+            with urllib.request.urlopen(f"{url}/readyz", timeout=2) as response:
+                if response.status == 200:
+                    return True
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass
+        time.sleep(0.25)
+    return False
+
+
+def stop(process: subprocess.Popen, timeout: float = 15) -> None:
+    """SIGTERM the process group (BentoML's workers included); SIGKILL what is left."""
+    if process.poll() is not None:
+        return
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    except ProcessLookupError:
+        pass
+
+
+def parse_ports(items: list[str]) -> dict[str, int]:
+    ports = {s.name: int(os.environ.get(f"{s.name.upper()}_PORT", s.port)) for s in SERVICES}
+    for item in items:
+        name, sep, port = item.partition("=")
+        if not sep or name not in ports or not port.isdigit():
+            raise SystemExit(f"--port {item!r}: expected NAME=PORT with NAME in {sorted(ports)}")
+        ports[name] = int(port)
+    return ports
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m services", description=__doc__.split("\n")[0])
+    p.add_argument("--host", default=os.environ.get("HOST", "127.0.0.1"))
+    p.add_argument("--port", action="append", default=[], metavar="NAME=PORT",
+                   help="override a port (defaults: policy=3001 generator=3002 classifier=3003)")
+    p.add_argument("--models-dir", type=Path, default=Path(os.environ.get("MODELS_DIR", ROOT / "models")))
+    p.add_argument("--timeout", type=float, default=180, help="seconds to wait for each /readyz")
+    args = p.parse_args(argv)
+    ports = parse_ports(args.port)
+    models_dir = args.models_dir.resolve()
+
+    specs = servable(models_dir)
+    if not specs:
+        print(f"no models to serve under {models_dir}", file=sys.stderr)
+        return 1
+    env = {"MODELS_DIR": str(models_dir)}
+    running = [(spec, start(spec, ports[spec.name], args.host, env)) for spec in specs]
+    stopping = False
+
+    def shut_down(*_):
+        nonlocal stopping
+        if not stopping:
+            stopping = True
+            print("\nstopping services ...", flush=True)
+            for _, process in running:
+                stop(process)
+
+    signal.signal(signal.SIGTERM, lambda *_: (shut_down(), sys.exit(0)))
+    try:
+        for spec, process in running:
+            url = f"http://{args.host}:{ports[spec.name]}"
+            if not wait_ready(url, process, args.timeout):
+                print(f"{spec.name} did not become ready at {url} (see its log above)", file=sys.stderr)
+                shut_down()
+                return 1
+        print("\nserving (Ctrl-C stops all):", flush=True)
+        for spec, _ in running:
+            url = f"http://{args.host}:{ports[spec.name]}"
+            models = ", ".join(list_models(models_dir, spec.kind))
+            print(f"  {spec.name:<11} {url}   models: {models}   (docs {url}/, info {url}/info)", flush=True)
+        while all(process.poll() is None for _, process in running):
+            time.sleep(0.5)
+        print("a service exited; stopping the others", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        shut_down()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

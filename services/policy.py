@@ -1,0 +1,115 @@
+"""Policy service (port 3001): actions from the RL policies in models/ (kind "policy").
+
+    POST /act   {"observations": [[...], ...], "model": "cartpole", "deterministic": true}
+    GET  /info  policies with their observation and action spaces and action meanings
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import bentoml
+import numpy as np
+from pydantic import Field
+
+from services.runtime import LoadedModel, Runtime, add_http_layer, api_errors, bad_request
+
+SERVICE = "policy"
+
+
+def validate_observations(observations: Any, obs_shape: list[int], max_batch: int) -> np.ndarray:
+    """Check a request's observations against the model's observation space.
+
+    Returns float32 [N, *obs_shape]; raises a 400 ApiError naming the first bad observation.
+    """
+    if not isinstance(observations, list) or not observations:
+        raise bad_request("invalid_observations", "observations must be a non-empty list of observations",
+                          "observations")
+    if len(observations) > max_batch:
+        raise bad_request("batch_too_large",
+                          f"{len(observations)} observations is over the limit of {max_batch} per request "
+                          f"(MAX_BATCH_SIZE)", "observations")
+    try:
+        batch = np.asarray(observations)
+    except ValueError:  # ragged: some observation has the wrong shape
+        batch = None
+    if batch is None or batch.dtype.kind not in "iuf" or batch.shape[1:] != tuple(obs_shape):
+        for i, observation in enumerate(observations):
+            _check_one(observation, obs_shape, f"observations[{i}]")
+        raise bad_request("invalid_observations", f"observations must have shape [N, {', '.join(map(str, obs_shape))}]",
+                          "observations")  # not reached in practice: _check_one names the culprit
+    finite = np.isfinite(batch).reshape(len(batch), -1).all(axis=1)
+    if not finite.all():
+        i = int(np.argmin(finite))
+        raise bad_request("non_finite_observation", f"observation {i} holds NaN or Infinity", f"observations[{i}]")
+    return batch.astype(np.float32)
+
+
+def _check_one(observation: Any, obs_shape: list[int], field: str) -> None:
+    try:
+        row = np.asarray(observation)
+    except ValueError:
+        raise bad_request("invalid_observation", f"expected shape {obs_shape}, got a ragged list", field) from None
+    if row.dtype.kind not in "iuf":
+        raise bad_request("invalid_observation", f"values must be numbers, got {_json_kind(row)}", field)
+    if list(row.shape) != list(obs_shape):
+        raise bad_request("invalid_observation", f"expected shape {obs_shape}, got {list(row.shape)}", field)
+
+
+def _json_kind(row: np.ndarray) -> str:
+    return {"b": "booleans", "U": "strings", "O": "null or mixed values"}.get(row.dtype.kind, str(row.dtype))
+
+
+def sample_actions(model: LoadedModel, outputs: list[np.ndarray], seed: int | None) -> np.ndarray:
+    """Stochastic actions: draw from the action distribution the graph returned."""
+    rng = np.random.default_rng(seed)
+    action, second = outputs[0], outputs[1]
+    space = model.card["contract"]["action_space"]
+    if space["type"] == "Discrete":
+        cumulative = np.cumsum(second, axis=1)
+        draws = rng.random((len(second), 1)) * cumulative[:, -1:]
+        return (draws < cumulative).argmax(axis=1)
+    sampled = action + second * rng.standard_normal(action.shape).astype(np.float32)
+    low = np.array([-np.inf if v is None else v for v in space["low"]], np.float32).reshape(action.shape[1:])
+    high = np.array([np.inf if v is None else v for v in space["high"]], np.float32).reshape(action.shape[1:])
+    return np.clip(sampled, low, high)
+
+
+@bentoml.service(name=SERVICE, traffic={"timeout": 30})
+class Policy:
+    def __init__(self) -> None:
+        self.runtime = Runtime(service=SERVICE, kind="policy")
+
+    def __is_ready__(self) -> bool:
+        return self.runtime.ready
+
+    def info(self) -> dict:
+        policies = {name: {"observation_space": m.card["contract"]["observation_space"],
+                           "action_space": m.card["contract"]["action_space"],
+                           "action_meanings": m.card["contract"].get("action_meanings"),
+                           "env_id": m.card["contract"].get("env_id")}
+                    for name, m in self.runtime.models.items()}
+        return self.runtime.info(policies=policies, endpoints=["POST /act", "GET /info"])
+
+    @bentoml.api(route="/act")
+    @api_errors
+    async def act(
+        self,
+        observations: Annotated[list[Any], Field(description="observation batch [N, *observation_shape]")],
+        model: Annotated[str | None, Field(description="policy name; optional when one policy is loaded")] = None,
+        deterministic: Annotated[bool, Field(description="greedy action (true) or sampled (false)")] = True,
+        seed: Annotated[int | None, Field(description="seed for sampled actions", ge=0, le=2**63 - 1)] = None,
+    ) -> dict:
+        policy = self.runtime.get(model)
+        obs_shape = policy.card["contract"]["observation_space"]["shape"]
+        batch = validate_observations(observations, obs_shape, self.runtime.settings.max_batch_size)
+        outputs = await policy(batch)
+        actions = outputs[0] if deterministic else sample_actions(policy, outputs, seed)
+        discrete = policy.card["contract"]["action_space"]["type"] == "Discrete"
+        answer = {"actions": actions.tolist(), "values": outputs[2].tolist()}
+        answer["probabilities" if discrete else "action_std"] = outputs[1].tolist()
+        answer.update(model=policy.name, version=policy.version, deterministic=deterministic)
+        return answer
+
+
+add_http_layer(Policy, SERVICE)
