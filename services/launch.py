@@ -2,7 +2,7 @@
 
     python -m services [--host 127.0.0.1] [--port policy=3001] [--models-dir models]
 
-Starts one process per service whose kind has at least one model in models/, waits until
+Starts one process per service with at least one model in its repository models/<service>/, waits until
 each answers /readyz, prints the URLs, and stops them all on Ctrl-C (or SIGTERM).
 A service whose models fail to load never becomes ready: its log line is printed and the
 launcher stops everything with exit status 1.
@@ -28,10 +28,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @dataclass(frozen=True)
 class ServiceSpec:
-    name: str
+    name: str  # also its model repository: MODELS_DIR/<name>
     target: str  # bentoml serve target, module:Class
     port: int
-    kind: str
 
     @property
     def module_file(self) -> Path:
@@ -39,15 +38,15 @@ class ServiceSpec:
 
 
 SERVICES = [
-    ServiceSpec("policy", "services.policy:Policy", 3001, "policy"),
-    ServiceSpec("generator", "services.generator:Generator", 3002, "generator"),
-    ServiceSpec("classifier", "services.classifier:Classifier", 3003, "classifier"),
+    ServiceSpec("policy", "services.policy:Policy", 3001),
+    ServiceSpec("generator", "services.generator:Generator", 3002),
+    ServiceSpec("classifier", "services.classifier:Classifier", 3003),
 ]
 
 
 def servable(models_dir: Path) -> list[ServiceSpec]:
     """The services that exist in this checkout and have at least one model to serve."""
-    return [s for s in SERVICES if s.module_file.exists() and list_models(models_dir, s.kind)]
+    return [s for s in SERVICES if s.module_file.exists() and list_models(models_dir / s.name)]
 
 
 def start(spec: ServiceSpec, port: int, host: str = "127.0.0.1", env: dict | None = None,
@@ -136,7 +135,7 @@ def main(argv=None) -> int:
         print("\nserving (Ctrl-C stops all):", flush=True)
         for spec, _ in running:
             url = f"http://{args.host}:{ports[spec.name]}"
-            models = ", ".join(list_models(models_dir, spec.kind))
+            models = ", ".join(list_models(models_dir / spec.name))
             print(f"  {spec.name:<11} {url}   models: {models}   (docs {url}/, info {url}/info)", flush=True)
         while all(process.poll() is None for _, process in running):
             time.sleep(0.5)

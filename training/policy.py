@@ -8,7 +8,7 @@ One run does the whole job, top to bottom:
   3. export to ONNX: observations [N, *obs] -> action, probabilities (discrete), value;
   4. check the export: onnx.checker, then parity with the torch policy on observations
      from real rollouts;
-  5. write models/<name>/<version>/{model.onnx, model.json, learning_curve.png}.
+  5. write models/policy/<name>/<version>/{model.onnx, model.json, learning_curve.png}.
 
 Works with any gymnasium environment whose observation space is a Box and whose action
 space is Discrete or Box. Known environments get tuned hyperparameters (rl-zoo's); others
@@ -88,7 +88,7 @@ def run_episodes(model, env_id: str, episodes: int, seed: int, record: list | No
     """Deterministic episodes on seeds seed, seed+1, ...; optionally record every observation."""
     env = gym.make(env_id)
     returns = []
-    for i in tqdm(range(episodes), desc="evaluate", disable=not progress, leave=False):
+    for i in tqdm(range(episodes), desc="evaluate", disable=not progress, leave=False, mininterval=2):
         obs, _ = env.reset(seed=seed + i)
         done, total = False, 0.0
         while not done:
@@ -218,7 +218,7 @@ def parse_args(argv=None):
     p.add_argument("--eval-episodes", type=int, default=100, help="episodes of the final evaluation")
     p.add_argument("--curve-episodes", type=int, default=10, help="episodes per learning-curve point")
     p.add_argument("--parity-observations", type=int, default=5000)
-    p.add_argument("--models-dir", type=Path, default=Path("models"), help="the model repository")
+    p.add_argument("--models-dir", type=Path, default=Path("models/policy"), help="the policy service's repository")
     p.add_argument("--version", type=int, help="default: one past the newest version present")
     p.add_argument("--min-return", type=float, help="fail (and write nothing) below this mean return")
     return p.parse_args(argv)

@@ -105,13 +105,13 @@ class Runtime:
     def _load_all(self) -> None:
         started = time.monotonic()
         try:
-            models_dir = self.settings.models_dir
-            names = repository.list_models(models_dir, self.kind)
+            repo = self.repository
+            names = repository.list_models(repo)
             if not names:
-                raise repository.ModelLoadError(f"no {self.kind} models under {Path(models_dir).resolve()}")
+                raise repository.ModelLoadError(f"no models under {Path(repo).resolve()}")
             loaded = {}
             for name in names:
-                entry = repository.resolve(models_dir, name, self.settings.model_versions.get(name))
+                entry = repository.resolve(repo, name, self.settings.model_versions.get(name), kind=self.kind)
                 model = LoadedModel(self.service, entry, self.settings)
                 model.warm_up(sorted({1, self.settings.max_batch_size}), self.settings.warmup_min_seconds)
                 metrics()["model_info"].labels(self.service, name, entry.version, entry.card["sha256"],
@@ -125,6 +125,11 @@ class Runtime:
         except Exception as exc:  # noqa: BLE001 - any failure keeps the service not ready, said once
             self.failure = f"{type(exc).__name__}: {exc}"
             log.error("%s: NOT READY - %s", self.service, self.failure)
+
+    @property
+    def repository(self) -> Path:
+        """This service's model repository: MODELS_DIR/<service>."""
+        return Path(self.settings.models_dir) / self.service
 
     def wait(self, timeout: float | None = None) -> bool:
         self._loader.join(timeout)
@@ -154,6 +159,7 @@ class Runtime:
             "failure": self.failure,
             "device": {"requested": self.settings.device,
                        "providers": sorted({m.provider for m in self.models.values()})},
+            "repository": str(Path(self.repository).resolve()),
             "models": [m.describe() for m in self.models.values()],
             "limits": self.settings.limits(),
             "auth": "bearer API key on POST endpoints" if self.settings.api_key else "none",

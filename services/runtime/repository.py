@@ -1,7 +1,8 @@
-"""The model repository: models/<name>/<version>/{model.onnx, model.json}.
+"""The model repositories: models/<service>/<name>/<version>/{model.onnx, model.json}.
 
-Laid out like Triton's: one folder per model, integer versions, the card (model.json)
-beside the weights. A version folder counts only once its card exists (the training tools
+One repository per service (models/policy, models/generator, models/classifier), each laid
+out like Triton's: one folder per model, integer versions, the card (model.json) beside the
+weights. Separate repositories let the generator and the classifier both ship a `fashion`. A version folder counts only once its card exists (the training tools
 write the card last), so a half-written export is never picked up.
 """
 
@@ -52,6 +53,7 @@ def write_json_atomic(path: Path, data) -> None:
             f.write("\n")
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; cards must be readable by a non-root server
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -66,19 +68,16 @@ def version_dirs(model_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name))
 
 
-def list_models(models_dir: Path, kind: str) -> list[str]:
-    """Names of the models of one kind (policy, generator, classifier), from their newest card."""
-    names = []
-    for model_dir in sorted(Path(models_dir).iterdir()) if Path(models_dir).is_dir() else []:
-        versions = version_dirs(model_dir)
-        if versions and _read_card(versions[-1] / CARD_FILE).get("kind") == kind:
-            names.append(model_dir.name)
-    return names
+def list_models(repository: Path) -> list[str]:
+    """Names of the models in one service's repository that have at least one complete version."""
+    if not Path(repository).is_dir():
+        return []
+    return [d.name for d in sorted(Path(repository).iterdir()) if version_dirs(d)]
 
 
-def resolve(models_dir: Path, name: str, pinned: str | None = None) -> ModelEntry:
+def resolve(repository: Path, name: str, pinned: str | None = None, kind: str | None = None) -> ModelEntry:
     """The pinned version of a model, or its newest; verified against its card."""
-    model_dir = Path(models_dir) / name
+    model_dir = Path(repository) / name
     if pinned:
         version_dir = model_dir / pinned
         if not (version_dir / CARD_FILE).exists():
@@ -88,11 +87,14 @@ def resolve(models_dir: Path, name: str, pinned: str | None = None) -> ModelEntr
         if not versions:
             raise ModelLoadError(f"model {name}: no version folder with a {CARD_FILE} under {model_dir}")
         version_dir = versions[-1]
-    return verify(name, version_dir)
+    return verify(name, version_dir, kind)
 
 
-def verify(name: str, version_dir: Path) -> ModelEntry:
+def verify(name: str, version_dir: Path, kind: str | None = None) -> ModelEntry:
     card = _read_card(version_dir / CARD_FILE)
+    if kind is not None and card.get("kind") != kind:
+        raise ModelLoadError(f"model {name}: card {version_dir / CARD_FILE} is of kind {card.get('kind')!r}, "
+                             f"this repository serves {kind!r}")
     model_path = version_dir / card.get("file", MODEL_FILE)
     expected = card.get("sha256")
     if not expected:
