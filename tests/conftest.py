@@ -1,0 +1,68 @@
+"""Fixtures that start real `bentoml serve` processes (through the launcher's own code)."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from services import launch
+
+ROOT = Path(__file__).resolve().parent.parent
+MODELS = ROOT / "models"
+POLICIES = MODELS / "policy"
+SPECS = {spec.name: spec for spec in launch.SERVICES}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, url: str, process: subprocess.Popen, log_path: Path):
+        self.url, self.process, self.log_path = url, process, log_path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+@contextmanager
+def running_service(name: str, tmp_path: Path, env: dict | None = None, wait: bool = True, timeout: float = 120):
+    """A real `bentoml serve` of one service on a free port; stopped on exit."""
+    port = free_port()
+    log_path = tmp_path / f"{name}-{port}.log"
+    with open(log_path, "w") as log_file:
+        process = launch.start(SPECS[name], port, env={"MODELS_DIR": str(MODELS), **(env or {})}, log_file=log_file)
+        server = Server(f"http://127.0.0.1:{port}", process, log_path)
+        try:
+            if wait and not launch.wait_ready(server.url, process, timeout):
+                raise AssertionError(f"{name} did not become ready:\n{server.log()[-3000:]}")
+            yield server
+        finally:
+            launch.stop(process)
+
+
+@pytest.fixture(scope="session")
+def session_tmp(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("servers")
+
+
+@pytest.fixture(scope="session")
+def policy_server(session_tmp):
+    """The policy service with the shipped models, default settings."""
+    with running_service("policy", session_tmp) as server:
+        yield server
+
+
+@pytest.fixture()
+def models_copy(tmp_path) -> Path:
+    """A private copy of the shipped policy models (a MODELS_DIR root), safe to break."""
+    target = tmp_path / "models"
+    shutil.copytree(POLICIES, target / "policy")
+    return target
