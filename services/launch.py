@@ -11,6 +11,7 @@ launcher stops everything with exit status 1.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import subprocess
@@ -58,7 +59,9 @@ def start(spec: ServiceSpec, port: int, host: str = "127.0.0.1", env: dict | Non
 
 
 def wait_ready(url: str, process: subprocess.Popen, timeout: float) -> bool:
-    """Poll GET url/readyz until 200; False if the process exits or the time runs out."""
+    """Poll GET url/readyz until 200. False as soon as the process exits or the service
+    reports a load failure in /info (a bad model, INFER_DEVICE=cuda without CUDA), or
+    when the time runs out."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -67,10 +70,22 @@ def wait_ready(url: str, process: subprocess.Popen, timeout: float) -> bool:
             with urllib.request.urlopen(f"{url}/readyz", timeout=2) as response:
                 if response.status == 200:
                     return True
+        except urllib.error.HTTPError:  # 503: up, not ready; has loading failed for good?
+            if failure(url):
+                return False
         except (urllib.error.URLError, ConnectionError, TimeoutError):
             pass
         time.sleep(0.25)
     return False
+
+
+def failure(url: str) -> str | None:
+    """Why the service at url will never be ready (from GET /info), or None."""
+    try:
+        with urllib.request.urlopen(f"{url}/info", timeout=2) as response:
+            return json.loads(response.read()).get("failure")
+    except (urllib.error.URLError, ConnectionError, TimeoutError, ValueError):
+        return None
 
 
 def stop(process: subprocess.Popen, timeout: float = 15) -> None:
@@ -129,7 +144,8 @@ def main(argv=None) -> int:
         for spec, process in running:
             url = f"http://{args.host}:{ports[spec.name]}"
             if not wait_ready(url, process, args.timeout):
-                print(f"{spec.name} did not become ready at {url} (see its log above)", file=sys.stderr)
+                reason = failure(url) or "see its log above"
+                print(f"{spec.name} did not become ready at {url}: {reason}", file=sys.stderr)
                 shut_down()
                 return 1
         print("\nserving (Ctrl-C stops all):", flush=True)

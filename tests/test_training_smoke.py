@@ -98,3 +98,16 @@ def test_launcher_refuses_an_empty_repository(tmp_path):
     result = subprocess.run([sys.executable, "-m", "services", "--models-dir", str(tmp_path)], cwd=ROOT,
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 1 and "no models to serve" in result.stderr
+
+
+def test_launcher_stops_at_once_when_a_service_cannot_be_ready(tmp_path, models_copy):
+    """A corrupt model: the launcher says which file and why, and exits 1 without waiting out its timeout."""
+    onnx = models_copy / "policy" / "lunarlander" / "1" / "model.onnx"
+    onnx.write_bytes(b"not an onnx file")
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, "-m", "services", "--models-dir", str(models_copy),
+                             "--port", f"policy={free_port()}", "--timeout", "170"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=200)
+    assert result.returncode == 1
+    assert "lunarlander" in result.stderr and "does not match its card" in result.stderr, result.stderr[-2000:]
+    assert time.monotonic() - started < 60
