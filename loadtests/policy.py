@@ -1,0 +1,70 @@
+"""Locust load test of the policy service: real rollout observations, every answer checked.
+
+    locust -f loadtests/policy.py --host http://127.0.0.1:3001 --headless -u 32 -r 8 -t 30s
+
+Observations come from episodes of the shipped policies (loadtests/record_policy_rollouts.py).
+When the served version is the recorded one, every action must equal the recorded action;
+otherwise the answer is checked for shape and range only. A wrong answer is a failure.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+
+from locust import HttpUser, between, tag, task
+
+ROLLOUTS = json.loads((Path(__file__).resolve().parent / "data" / "policy_rollouts.json").read_text())
+API_KEY = os.environ.get("API_KEY")
+
+
+class PolicyUser(HttpUser):
+    wait_time = between(0.0, 0.01)
+
+    def on_start(self):
+        if API_KEY:
+            self.client.headers["Authorization"] = f"Bearer {API_KEY}"
+
+    def _act(self, model: str, size: int):
+        rollout = ROLLOUTS[model]
+        start = random.randrange(len(rollout["observations"]) - size + 1)
+        observations = rollout["observations"][start:start + size]
+        with self.client.post("/act", json={"observations": observations, "model": model},
+                              name=f"/act {model} x{size}", catch_response=True) as response:
+            problem = check(response, rollout, start, size)
+            if problem:
+                response.failure(problem)
+            else:
+                response.success()
+
+    @tag("policy", "act", "single")
+    @task(6)
+    def act_cartpole_one(self):
+        self._act("cartpole", 1)
+
+    @tag("policy", "act", "single")
+    @task(2)
+    def act_lunarlander_one(self):
+        self._act("lunarlander", 1)
+
+    @tag("policy", "act", "batch")
+    @task(1)
+    def act_cartpole_batch(self):
+        self._act("cartpole", random.choice([8, 16, 32]))
+
+
+def check(response, rollout: dict, start: int, size: int) -> str | None:
+    if response.status_code != 200:
+        return f"HTTP {response.status_code}: {response.text[:200]}"
+    body = response.json()
+    actions = body.get("actions")
+    if not isinstance(actions, list) or len(actions) != size:
+        return f"expected {size} actions, got {actions!r:.200}"
+    probabilities = body.get("probabilities")
+    if probabilities is not None and any(abs(sum(p) - 1) > 1e-4 for p in probabilities):
+        return "probabilities do not sum to 1"
+    if body.get("version") == rollout["version"] and actions != rollout["actions"][start:start + size]:
+        return "actions differ from the recorded deterministic actions of this version"
+    return None
