@@ -1,6 +1,7 @@
 """Serve every service that has models in the repository, each as a real `bentoml serve`.
 
     python -m services [--host 127.0.0.1] [--port policy=3001] [--models-dir models]
+    python -m services --exec policy      # one service in the foreground (containers)
 
 Starts one process per service with at least one model in its repository models/<service>/, waits until
 each answers /readyz, prints the URLs, and stops them all on Ctrl-C (or SIGTERM).
@@ -50,11 +51,14 @@ def servable(models_dir: Path) -> list[ServiceSpec]:
     return [s for s in SERVICES if s.module_file.exists() and list_models(models_dir / s.name)]
 
 
+def serve_command(spec: ServiceSpec, host: str, port: int) -> list[str]:
+    return [sys.executable, "-m", "bentoml", "serve", spec.target, "--host", host, "--port", str(port)]
+
+
 def start(spec: ServiceSpec, port: int, host: str = "127.0.0.1", env: dict | None = None,
           log_file=None) -> subprocess.Popen:
     """Start `bentoml serve` for one service in its own process group."""
-    command = [sys.executable, "-m", "bentoml", "serve", spec.target, "--host", host, "--port", str(port)]
-    return subprocess.Popen(command, cwd=ROOT, env={**os.environ, **(env or {})}, start_new_session=True,
+    return subprocess.Popen(serve_command(spec, host, port), cwd=ROOT, env={**os.environ, **(env or {})}, start_new_session=True,
                             stdout=log_file, stderr=subprocess.STDOUT if log_file else None)
 
 
@@ -102,6 +106,18 @@ def stop(process: subprocess.Popen, timeout: float = 15) -> None:
         pass
 
 
+def exec_one(name: str, host: str, port: int, models_dir: Path) -> int:
+    """Replace this process with `bentoml serve` of one service, so signals reach it directly."""
+    specs = {spec.name: spec for spec in SERVICES}
+    if name not in specs:
+        print(f"unknown service {name!r}: choose one of {sorted(specs)} (--exec NAME or SERVICE=NAME)",
+              file=sys.stderr)
+        return 2
+    os.environ["MODELS_DIR"] = str(models_dir)
+    os.chdir(ROOT)
+    os.execv(sys.executable, serve_command(specs[name], host, port))
+
+
 def parse_ports(items: list[str]) -> dict[str, int]:
     ports = {s.name: int(os.environ.get(f"{s.name.upper()}_PORT", s.port)) for s in SERVICES}
     for item in items:
@@ -119,9 +135,14 @@ def main(argv=None) -> int:
                    help="override a port (defaults: policy=3001 generator=3002 classifier=3003)")
     p.add_argument("--models-dir", type=Path, default=Path(os.environ.get("MODELS_DIR", ROOT / "models")))
     p.add_argument("--timeout", type=float, default=180, help="seconds to wait for each /readyz")
+    p.add_argument("--exec", nargs="?", const=os.environ.get("SERVICE", ""), metavar="SERVICE",
+                   help="become `bentoml serve` of one service on $PORT (a container's entry point; "
+                        "SERVICE defaults to $SERVICE)")
     args = p.parse_args(argv)
     ports = parse_ports(args.port)
     models_dir = args.models_dir.resolve()
+    if args.exec is not None:
+        return exec_one(args.exec, args.host, int(os.environ.get("PORT", 3000)), models_dir)
 
     specs = servable(models_dir)
     if not specs:

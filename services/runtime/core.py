@@ -29,6 +29,17 @@ from services.runtime.metrics import metrics
 
 log = logging.getLogger("services.runtime")
 
+
+def _log_to_stderr() -> None:
+    """BentoML configures only its own loggers; give ours a handler so load lines show."""
+    if not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s [%(levelname)s] [%(name)s] %(message)s",
+                                               "%Y-%m-%dT%H:%M:%S%z"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+
 ONNX_TYPES = {"tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(int64)": np.int64,
               "tensor(int32)": np.int32, "tensor(uint8)": np.uint8}
 
@@ -92,6 +103,7 @@ class LoadedModel:
 
 class Runtime:
     def __init__(self, service: str, kind: str, settings: Settings | None = None):
+        _log_to_stderr()
         self.service, self.kind = service, kind
         self.settings = settings or Settings.from_env()
         self.models: dict[str, LoadedModel] = {}
