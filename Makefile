@@ -6,15 +6,28 @@ SERVE_VENV := .venv-serve
 DEV_VENV := .venv
 SERVE_ARGS ?=
 
-.PHONY: serve test train-policies play clean-venvs
+# Debian packages the tests use: Docker + compose + debootstrap for the container test,
+# Fashion-MNIST for the generator and classifier. Installed when running as root.
+SYSTEM_PACKAGES := docker.io docker-compose debootstrap dataset-fashion-mnist
+
+.PHONY: serve test system-packages train-policies play clean-venvs
 
 ## Serve every model in models/ (policy :3001, generator :3002, classifier :3003); Ctrl-C stops.
 serve: $(SERVE_VENV)/.installed
 	$(SERVE_VENV)/bin/python -m services $(SERVE_ARGS)
 
 ## Run the whole test suite (real servers, real training, real ONNX export).
-test: $(DEV_VENV)/.installed
+test: system-packages $(DEV_VENV)/.installed
 	$(DEV_VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+system-packages:
+	@missing=$$(for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ]; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	else \
+		echo "not root: cannot apt-get install $$missing; the tests that need them will skip and say so"; \
+	fi
 
 ## Reproduce the shipped policies (writes a new version under models/).
 train-policies: $(DEV_VENV)/.installed

@@ -1,0 +1,111 @@
+"""A private Docker engine and the compose stack, for the end-to-end test.
+
+These machines run no Docker engine and reach no image registry (see shared/NOTES.md), so:
+- start dockerd as root with its own socket and data folders, stopped afterwards;
+- build a local base image with debootstrap from the machine's Debian mirror
+  (python3 3.11 + venv), as air-gapped sites do, and pass it as BASE_IMAGE;
+- download the serving wheels on the host into deploy/wheelhouse and build with --no-index.
+Where Docker or debootstrap cannot be had (not root, no apt), DockerUnavailable says why.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+WHEELHOUSE = ROOT / "deploy" / "wheelhouse"
+BASE_TAG = "local/python:3.11"
+TOOLS = ("dockerd", "docker", "docker-compose", "debootstrap")
+
+
+class DockerUnavailable(RuntimeError):
+    pass
+
+
+class Engine:
+    def __init__(self, workdir: Path):
+        if os.geteuid() != 0:
+            raise DockerUnavailable("starting a private Docker engine needs root")
+        missing = [tool for tool in TOOLS if not shutil.which(tool)]
+        if missing:
+            raise DockerUnavailable(f"not installed: {', '.join(missing)} (`make test` installs them as root: "
+                                    "apt-get install docker.io docker-compose debootstrap)")
+        self.dir = workdir
+        self.env = {**os.environ, "DOCKER_HOST": f"unix://{workdir}/docker.sock"}
+        self.log = open(workdir / "dockerd.log", "w")
+        self.process = subprocess.Popen(
+            ["dockerd", "--host", self.env["DOCKER_HOST"], "--data-root", str(workdir / "data"),
+             "--exec-root", str(workdir / "exec"), "--pidfile", str(workdir / "docker.pid")],
+            stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 60
+        while self.run("docker", "info", check=False).returncode != 0:
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise DockerUnavailable(f"dockerd did not start: {(workdir / 'dockerd.log').read_text()[-1500:]}")
+            time.sleep(0.5)
+
+    def run(self, *command: str, check: bool = True, timeout: float = 600, env: dict | None = None,
+            **kwargs) -> subprocess.CompletedProcess:
+        result = subprocess.run(command, env={**self.env, **(env or {})}, cwd=ROOT, capture_output=True,
+                                text=True, timeout=timeout, **kwargs)
+        if check and result.returncode != 0:
+            raise AssertionError(f"{' '.join(command)} failed ({result.returncode}):\n"
+                                 f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+        return result
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+        self.log.close()
+
+
+def debian_mirror() -> str:
+    for path in Path("/etc/apt/sources.list.d").glob("*.sources"):
+        for line in path.read_text().splitlines():
+            if line.startswith("URIs:"):
+                return line.split()[1]
+    for line in Path("/etc/apt/sources.list").read_text().splitlines() if Path("/etc/apt/sources.list").exists() else []:
+        if line.startswith("deb "):
+            return line.split()[1]
+    raise DockerUnavailable("no Debian mirror found in /etc/apt for debootstrap")
+
+
+def build_base_image(engine: Engine, workdir: Path) -> str:
+    """python3 (3.11) + venv on Debian bookworm, from the machine's own mirror."""
+    rootfs = workdir / "rootfs"
+    result = subprocess.run(["debootstrap", "--variant=minbase", "--include=python3,python3-venv,ca-certificates",
+                             "bookworm", str(rootfs), debian_mirror()], capture_output=True, text=True, timeout=900)
+    if result.returncode != 0:
+        raise AssertionError(f"debootstrap failed:\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}")
+    tar = subprocess.Popen(["tar", "-C", str(rootfs), "-c", "."], stdout=subprocess.PIPE)
+    engine.run("docker", "import", "-", BASE_TAG, stdin=tar.stdout)
+    tar.wait()
+    shutil.rmtree(rootfs, ignore_errors=True)
+    return BASE_TAG
+
+
+def build_wheelhouse(onnxruntime: str = "onnxruntime==1.31.1") -> None:
+    """The image's wheels, downloaded on the host (the registries' TLS is not trusted in containers)."""
+    sys.path.insert(0, str(ROOT / "deploy"))
+    from requirements import requirements
+
+    WHEELHOUSE.mkdir(parents=True, exist_ok=True)
+    requirements_file = WHEELHOUSE / "requirements.txt"
+    requirements_file.write_text("\n".join(requirements(onnxruntime)) + "\n")
+    result = subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--disable-pip-version-check",
+                             "-d", str(WHEELHOUSE), "-r", str(requirements_file)],
+                            capture_output=True, text=True, timeout=900)
+    requirements_file.unlink()
+    if result.returncode != 0:
+        raise AssertionError(f"pip download failed:\n{result.stderr[-3000:]}")

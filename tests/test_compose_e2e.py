@@ -1,0 +1,135 @@
+"""End to end with real containers: build the image, bring the compose stack up, use it.
+
+Builds from a local base image and an offline wheelhouse (tests/docker_stack.py), starts
+docker-compose.yml on free loopback ports, waits for every container to be healthy, calls
+the services, runs a short Locust run against them, restarts containers, and brings the
+stack down with its volumes. Skips, saying why, only where Docker cannot be had.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+import requests
+
+from conftest import ROOT, free_port
+from docker_stack import Engine, DockerUnavailable, build_base_image, build_wheelhouse
+from services.launch import SERVICES
+
+PROJECT = "onnxserving-e2e"
+# The services present in this checkout (each needs its module and its models).
+NAMES = [s.name for s in SERVICES if s.module_file.exists() and (ROOT / "models" / s.name).is_dir()]
+
+
+class Stack:
+    def __init__(self, engine: Engine, ports: dict[str, int]):
+        self.engine, self.ports = engine, ports
+        self.env = {"BASE_IMAGE": "local/python:3.11", "PIP_INDEX_OPTIONS": "--no-index",
+                    "IMAGE": "onnx-model-serving:e2e",
+                    **{f"{name.upper()}_PORT": str(port) for name, port in ports.items()}}
+
+    def url(self, name: str) -> str:
+        return f"http://127.0.0.1:{self.ports[name]}"
+
+    def compose(self, *args: str, check: bool = True, timeout: float = 900) -> subprocess.CompletedProcess:
+        return self.engine.run("docker-compose", "-p", PROJECT, *args, env=self.env, check=check, timeout=timeout)
+
+    def container(self, name: str) -> str:
+        return self.compose("ps", "-q", name).stdout.strip()
+
+    def inspect(self, name: str, template: str) -> str:
+        return self.engine.run("docker", "inspect", "-f", template, self.container(name)).stdout.strip()
+
+    def wait_healthy(self, names: list[str], timeout: float = 240) -> None:
+        deadline = time.monotonic() + timeout
+        status = {}
+        while time.monotonic() < deadline:
+            status = {name: self.inspect(name, "{{.State.Health.Status}}") for name in names}
+            if all(s == "healthy" for s in status.values()):
+                return
+            time.sleep(2)
+        logs = self.compose("logs", "--tail", "40", check=False).stdout
+        raise AssertionError(f"not healthy after {timeout}s: {status}\n{logs[-4000:]}")
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("docker")
+    try:
+        engine = Engine(workdir)
+    except DockerUnavailable as why:
+        pytest.skip(f"Docker end-to-end test skipped: {why}")
+    stack = Stack(engine, {name: free_port() for name in ("policy", "generator", "classifier")})
+    try:
+        build_base_image(engine, workdir)
+        build_wheelhouse()
+        stack.compose("build", *NAMES)
+        stack.compose("up", "-d", *NAMES)
+        stack.wait_healthy(NAMES)
+        yield stack
+    finally:
+        stack.compose("down", "-v", "--remove-orphans", check=False)
+        engine.stop()
+
+
+def test_every_container_is_healthy_non_root_and_limited(stack):
+    ps = stack.compose("ps").stdout
+    for name in NAMES:
+        assert stack.inspect(name, "{{.State.Health.Status}}") == "healthy"
+        assert stack.inspect(name, "{{.Config.User}}") == "10001:10001"
+        assert int(stack.inspect(name, "{{.HostConfig.Memory}}")) > 0, f"{name} has no memory limit"
+        assert f"{PROJECT}_{name}_1" in ps
+    image_packages = stack.engine.run("docker", "run", "--rm", "--entrypoint", "python3", "onnx-model-serving:e2e",
+                                      "-m", "pip", "list", "--format=freeze").stdout
+    assert "onnxruntime==1.31.1" in image_packages and "torch" not in image_packages
+
+
+def test_policy_endpoints(stack):
+    url = stack.url("policy")
+    r = requests.post(f"{url}/act", json={"observations": [[0.0, 0.0, 0.05, 0.0]] * 3, "model": "cartpole"})
+    assert r.status_code == 200 and len(r.json()["actions"]) == 3
+    r = requests.post(f"{url}/act", json={"observations": [[0.0] * 8], "model": "lunarlander"})
+    assert r.status_code == 200 and r.json()["actions"][0] in range(4)
+    bad = requests.post(f"{url}/act", json={"observations": [[0.0] * 3], "model": "cartpole"})
+    assert bad.status_code == 400 and bad.json()["error"]["field"] == "observations[0]"
+    info = requests.get(f"{url}/info").json()
+    assert set(info["policies"]) >= {"cartpole", "lunarlander"}
+    assert info["models"][0]["provider"] == "CPUExecutionProvider"
+    assert "model_batch_size" in requests.get(f"{url}/metrics").text
+    assert requests.get(f"{url}/readyz").status_code == 200
+
+
+def test_short_locust_run_against_the_containers(stack, tmp_path):
+    prefix = tmp_path / "compose"
+    result = subprocess.run([sys.executable, "-m", "locust", "-f", "loadtests/policy.py", "--headless",
+                             "-u", "16", "-r", "16", "-t", "5s", "--host", stack.url("policy"),
+                             "--csv", str(prefix), "--only-summary", "--loglevel", "WARNING"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    total = next(row for row in csv.DictReader(open(f"{prefix}_stats.csv")) if row["Name"] == "Aggregated")
+    assert int(total["Request Count"]) > 50 and int(total["Failure Count"]) == 0
+
+
+def test_a_restarted_container_comes_back_healthy(stack):
+    stack.compose("restart", "policy")
+    stack.wait_healthy(["policy"])
+    r = requests.post(f"{stack.url('policy')}/act", json={"observations": [[0.0] * 4], "model": "cartpole"})
+    assert r.status_code == 200
+
+
+def test_the_gpu_override_is_valid_compose():
+    """No NVIDIA runtime here: check the GPU variant's configuration, as the notes advise."""
+    result = subprocess.run(["docker-compose", "-f", "docker-compose.yml", "-f", "docker-compose.gpu.yml", "config"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=60,
+                            env={"PATH": "/usr/bin:/bin:/usr/sbin:/sbin", "GENERATOR_GPU": "1"})
+    if result.returncode != 0 and "not found" in result.stderr:
+        pytest.skip("docker-compose is not installed")
+    assert result.returncode == 0, result.stderr
+    config = result.stdout
+    assert config.count("driver: nvidia") == 3 and "onnxruntime-gpu[cuda,cudnn]==1.31.1" in config
+    assert "- '1'" in config and "INFER_DEVICE: cuda" in config
