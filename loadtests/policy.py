@@ -1,6 +1,7 @@
 """Locust load test of the policy service: real rollout observations, every answer checked.
 
-    locust -f loadtests/policy.py --host http://127.0.0.1:3001 --headless -u 32 -r 8 -t 30s
+    python -m loadtests.run policy            # headless, with reports and the SLO gate
+    locust -f loadtests/policy.py             # Locust's web UI; the service at $POLICY_URL
 
 Observations come from episodes of the shipped policies (loadtests/record_policy_rollouts.py).
 When the served version is the recorded one, every action must equal the recorded action;
@@ -21,6 +22,7 @@ API_KEY = os.environ.get("API_KEY")
 
 
 class PolicyUser(HttpUser):
+    host = os.environ.get("POLICY_URL", "http://127.0.0.1:3001")
     wait_time = between(0.0, 0.01)
 
     def on_start(self):

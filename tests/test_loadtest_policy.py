@@ -10,17 +10,28 @@ from conftest import ROOT
 from loadtests.policy import ROLLOUTS, check
 
 
-def test_short_headless_run_has_no_failures(policy_server, tmp_path):
-    prefix = tmp_path / "policy"
-    result = subprocess.run([sys.executable, "-m", "locust", "-f", "loadtests/policy.py", "--headless",
-                             "-u", "16", "-r", "16", "-t", "6s", "--host", policy_server.url,
-                             "--csv", str(prefix), "--only-summary", "--loglevel", "WARNING"],
-                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+def run_scenario(server, tmp_path, slo: dict, duration="6s"):
+    slo_path = tmp_path / "slo.json"
+    slo_path.write_text(json.dumps(slo))
+    return subprocess.run([sys.executable, "-m", "loadtests.run", "policy", "--users", "16", "--spawn-rate", "16",
+                           "--duration", duration, "--policy-url", server.url, "--out", str(tmp_path / "reports"),
+                           "--slo", str(slo_path)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+
+def test_short_headless_run_meets_the_gate_and_writes_reports(policy_server, tmp_path):
+    result = run_scenario(policy_server, tmp_path, {"max_failure_ratio": 0.0, "p95_ms": {"/act": 2000}})
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
-    rows = {row["Name"]: row for row in csv.DictReader(open(f"{prefix}_stats.csv"))}
+    assert "SLO met" in result.stdout
+    rows = {row["Name"]: row for row in csv.DictReader(open(tmp_path / "reports" / "policy_stats.csv"))}
     total = rows["Aggregated"]
     assert int(total["Request Count"]) > 100 and int(total["Failure Count"]) == 0
     assert any(name.startswith("/act lunarlander") for name in rows)
+    assert (tmp_path / "reports" / "policy.html").stat().st_size > 1000
+
+
+def test_the_gate_fails_a_run_that_misses_its_slo(policy_server, tmp_path):
+    result = run_scenario(policy_server, tmp_path, {"max_failure_ratio": 0.0, "p95_ms": {"/act": 0.001}}, "3s")
+    assert result.returncode == 1 and "SLO MISSED" in result.stderr and "p95" in result.stderr
 
 
 def test_a_wrong_answer_is_a_failure():
