@@ -1,0 +1,261 @@
+"""Benchmark each service against the raw runtime, side by side, in one run:
+
+  (a) raw onnxruntime throughput of the same model file in-process, batch sizes 1 to 64
+      (for images: decoding or PNG encoding included, as the service does it);
+  (b) served throughput and p50/p95/p99 latency at 1, 8, 32 and 64 concurrent clients,
+      adaptive batching on;
+  (c) the same with batching off.
+
+    python -m loadtests.benchmark                          # every service with a workload and models
+    python -m loadtests.benchmark --services policy --duration 5
+
+Cores: the server (a real `bentoml serve`, one onnxruntime thread) is pinned to the first
+half of the cores, the load generator (this process, asyncio + aiohttp) to the other half,
+and the raw figure is measured on the server's cores with the same thread count. So the
+load generator never takes the server's CPU, and raw and served use the same compute.
+Prints a table and writes BENCHMARKS.md with PNG plots beside it (benchmarks/).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib.metadata
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+import numpy as np
+
+from loadtests.workloads import WORKLOADS, Workload
+from services import launch
+
+ROOT = Path(__file__).resolve().parent.parent
+CONCURRENCY = [1, 8, 32, 64]
+BATCH_SIZES = [1, 2, 4, 8, 16, 32, 64]
+
+
+@dataclass
+class ServedRun:
+    concurrency: int
+    batching: bool
+    requests: int = 0
+    items: int = 0
+    failures: int = 0
+    seconds: float = 0.0
+    latencies_ms: list[float] = field(default_factory=list)
+
+    @property
+    def requests_per_s(self) -> float:
+        return self.requests / self.seconds
+
+    @property
+    def items_per_s(self) -> float:
+        return self.items / self.seconds
+
+    def percentile(self, q: float) -> float:
+        return float(np.percentile(self.latencies_ms, q)) if self.latencies_ms else float("nan")
+
+
+def cpu_split() -> tuple[set[int], set[int]]:
+    cores = sorted(os.sched_getaffinity(0))
+    half = max(1, len(cores) // 2)
+    return set(cores[:half]), set(cores[half:]) or set(cores[:half])
+
+
+def raw_throughput(workload: Workload, server_cores: set[int], seconds: float) -> dict[int, float]:
+    """Items per second in-process at each batch size, on the server's cores, one onnxruntime thread."""
+    code = (
+        "import json, sys, os; from loadtests.workloads import WORKLOADS; "
+        f"os.sched_setaffinity(0, {sorted(server_cores)}); "
+        f"print(json.dumps(WORKLOADS[{workload.name!r}].raw({BATCH_SIZES}, {seconds})))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    if result.returncode != 0:
+        raise SystemExit(f"raw benchmark of {workload.name} failed:\n{result.stderr[-3000:]}")
+    import json
+    return {int(k): v for k, v in json.loads(result.stdout.strip().splitlines()[-1]).items()}
+
+
+async def drive(url: str, workload: Workload, concurrency: int, seconds: float, run: ServedRun) -> None:
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        # Warm the connections and the service's batch paths before measuring.
+        await asyncio.gather(*(workload.call(session, url, i) for i in range(concurrency)))
+        deadline = time.perf_counter() + seconds
+
+        async def client(index: int):
+            i = index
+            while time.perf_counter() < deadline:
+                started = time.perf_counter()
+                ok, items = await workload.call(session, url, i)
+                run.latencies_ms.append((time.perf_counter() - started) * 1000)
+                run.requests += 1
+                run.items += items if ok else 0
+                run.failures += 0 if ok else 1
+                i += concurrency
+
+        started = time.perf_counter()
+        await asyncio.gather(*(client(i) for i in range(concurrency)))
+        run.seconds = time.perf_counter() - started
+
+
+def served(workload: Workload, server_cores: set[int], batching: bool, seconds: float) -> list[ServedRun]:
+    spec = next(s for s in launch.SERVICES if s.name == workload.name)
+    port = _free_port()
+    env = {"MODELS_DIR": str(ROOT / "models"), "INFER_THREADS": "1", "ADAPTIVE_BATCHING": "on" if batching else "off",
+           **workload.server_env}
+    log = open(ROOT / "benchmarks" / f"server-{workload.name}-{'on' if batching else 'off'}.log", "w")
+    process = subprocess.Popen(["taskset", "-c", ",".join(map(str, sorted(server_cores))),
+                                *launch.serve_command(spec, "127.0.0.1", port)],
+                               cwd=ROOT, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT,
+                               start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        if not launch.wait_ready(url, process, 180):
+            raise SystemExit(f"{workload.name} did not become ready; see {log.name}")
+        runs = []
+        for concurrency in CONCURRENCY:
+            run = ServedRun(concurrency, batching)
+            asyncio.run(drive(url, workload, concurrency, seconds, run))
+            print(f"  {workload.name:<10} batching {'on ' if batching else 'off'} {concurrency:>3} clients: "
+                  f"{run.items_per_s:8.1f} {workload.unit}/s  {run.requests_per_s:8.1f} req/s  "
+                  f"p50 {run.percentile(50):7.1f} ms  p95 {run.percentile(95):7.1f} ms  "
+                  f"p99 {run.percentile(99):7.1f} ms  failures {run.failures}", flush=True)
+            runs.append(run)
+        return runs
+    finally:
+        launch.stop(process)
+        log.close()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def plot(name: str, workload: Workload, raw: dict[int, float], runs: list[ServedRun], out: Path) -> list[str]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    files = []
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for batching, style in ((True, "o-"), (False, "s--")):
+        xs = [r.concurrency for r in runs if r.batching == batching]
+        ys = [r.items_per_s for r in runs if r.batching == batching]
+        ax.plot(xs, ys, style, label=f"served, batching {'on' if batching else 'off'}")
+    ax.axhline(max(raw.values()), color="grey", linestyle=":", label="raw in-process (best batch)")
+    ax.set(xscale="log", xticks=CONCURRENCY, xlabel="concurrent clients", ylabel=f"{workload.unit}/s",
+           title=f"{name}: throughput")
+    ax.set_xticklabels([str(c) for c in CONCURRENCY])
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    files.append(f"{name}_throughput.png")
+    fig.savefig(out / files[-1], dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for batching, style in ((True, "-"), (False, "--")):
+        sel = [r for r in runs if r.batching == batching]
+        for q, marker in ((50, "o"), (95, "^"), (99, "v")):
+            ax.plot([r.concurrency for r in sel], [r.percentile(q) for r in sel], style, marker=marker,
+                    label=f"p{q}, batching {'on' if batching else 'off'}")
+    ax.set(xscale="log", yscale="log", xticks=CONCURRENCY, xlabel="concurrent clients", ylabel="latency (ms)",
+           title=f"{name}: latency percentiles")
+    ax.set_xticklabels([str(c) for c in CONCURRENCY])
+    ax.legend(fontsize=7, ncol=2)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    files.append(f"{name}_latency.png")
+    fig.savefig(out / files[-1], dpi=110)
+    plt.close(fig)
+    return files
+
+
+def machine() -> str:
+    model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+                 platform.processor())
+    versions = ", ".join(f"{p} {importlib.metadata.version(p)}" for p in ("bentoml", "onnxruntime-gpu", "numpy")
+                         if _installed(p))
+    return f"{model}, {os.cpu_count()} cores, Python {platform.python_version()}; {versions}"
+
+
+def _installed(package: str) -> bool:
+    try:
+        importlib.metadata.version(package)
+        return True
+    except importlib.metadata.PackageNotFoundError:
+        return False
+
+
+def report(results: dict, command: str, server_cores: set[int], client_cores: set[int], out: Path) -> str:
+    lines = ["# Benchmarks", "",
+             f"Command: `{command}`  ", f"Machine: {machine()}  ",
+             f"Cores: server (bentoml serve, INFER_THREADS=1) on {sorted(server_cores)}, load generator on "
+             f"{sorted(client_cores)}; the raw figure runs on the server's cores with one onnxruntime thread.", ""]
+    for name, (workload, raw, runs) in results.items():
+        best_raw = max(raw.values())
+        on = {r.concurrency: r for r in runs if r.batching}
+        off = {r.concurrency: r for r in runs if not r.batching}
+        lines += [f"## {name}", "", workload.description, "",
+                  f"(a) raw in-process, {workload.unit}/s by batch size: " +
+                  ", ".join(f"{b}: {v:,.0f}" for b, v in raw.items()), "",
+                  f"| clients | batching | {workload.unit}/s | req/s | p50 ms | p95 ms | p99 ms | failures |",
+                  "|---:|---|---:|---:|---:|---:|---:|---:|"]
+        for r in runs:
+            lines.append(f"| {r.concurrency} | {'on' if r.batching else 'off'} | {r.items_per_s:,.1f} | "
+                         f"{r.requests_per_s:,.1f} | {r.percentile(50):.1f} | {r.percentile(95):.1f} | "
+                         f"{r.percentile(99):.1f} | {r.failures} |")
+        saturation_on = max(r.items_per_s for r in on.values())
+        lines += ["", f"- served at saturation (batching on): {saturation_on:,.1f} {workload.unit}/s = "
+                      f"**{saturation_on / best_raw:.0%} of raw** ({best_raw:,.0f})",
+                  f"- batching on / off at 64 clients: **{on[64].requests_per_s / off[64].requests_per_s:.2f}x** "
+                  f"requests/s ({on[64].requests_per_s:,.1f} vs {off[64].requests_per_s:,.1f})", ""]
+        lines += [f"![{name} throughput](benchmarks/{name}_throughput.png) "
+                  f"![{name} latency](benchmarks/{name}_latency.png)", ""]
+    text = "\n".join(lines) + "\n"
+    return text
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m loadtests.benchmark", description=__doc__.split("\n")[0])
+    p.add_argument("--services", nargs="*", default=None, help=f"default: all of {sorted(WORKLOADS)} with models")
+    p.add_argument("--duration", type=float, default=8, help="seconds per served measurement")
+    p.add_argument("--raw-seconds", type=float, default=2, help="seconds per raw batch size")
+    p.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md")
+    args = p.parse_args(argv)
+    command = "python -m loadtests.benchmark " + shlex.join(sys.argv[1:] if argv is None else argv)
+    names = args.services or [n for n in WORKLOADS if (ROOT / "models" / n).is_dir()]
+    server_cores, client_cores = cpu_split()
+    os.sched_setaffinity(0, client_cores)
+    plots = ROOT / "benchmarks"
+    plots.mkdir(exist_ok=True)
+    results = {}
+    for name in names:
+        workload = WORKLOADS[name]
+        print(f"{name}: raw in-process on cores {sorted(server_cores)} ...", flush=True)
+        raw = raw_throughput(workload, server_cores, args.raw_seconds)
+        print("  " + ", ".join(f"batch {b}: {v:,.0f} {workload.unit}/s" for b, v in raw.items()), flush=True)
+        runs = served(workload, server_cores, True, args.duration) + served(workload, server_cores, False, args.duration)
+        plot(name, workload, raw, runs, plots)
+        results[name] = (workload, raw, runs)
+    text = report(results, command, server_cores, client_cores, args.out)
+    args.out.write_text(text)
+    print(f"\nwrote {args.out}\n")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
