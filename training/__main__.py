@@ -1,13 +1,17 @@
 """python -m training <command> ...: the project's offline tools.
 
   policy   train, evaluate and export an RL policy (training/policy.py)
+  gan      train, measure and export a DCGAN image generator (training/gan.py)
   play     drive a gymnasium environment with a served policy over HTTP (training/play.py)
+  classifier  fine-tune, evaluate and export an image classifier (training/classifier.py)
+  evidence    pretrained vs scratch at 10, 100 and all images per class (training/evidence.py)
 """
 
 import importlib
 import sys
 
-COMMANDS = {"policy": "training.policy", "play": "training.play"}
+COMMANDS = {"policy": "training.policy", "play": "training.play", "gan": "training.gan",
+            "classifier": "training.classifier", "evidence": "training.evidence"}
 
 
 def main() -> None:
