@@ -24,6 +24,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def error_of(response, status: int) -> dict:
+    """The JSON error of a response, checked for its status and the one error shape."""
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/json")
+    error = response.json()["error"]
+    assert set(error) >= {"status", "code", "field", "message"} and error["status"] == status
+    return error
+
+
 class Server:
     def __init__(self, url: str, process: subprocess.Popen, log_path: Path):
         self.url, self.process, self.log_path = url, process, log_path

@@ -11,7 +11,7 @@ import onnxruntime as ort
 import pytest
 import requests
 
-from conftest import POLICIES, running_service
+from conftest import POLICIES, error_of, running_service
 
 
 def act(server, body, **kwargs):
@@ -27,14 +27,6 @@ def offline(name: str, observations) -> list[np.ndarray]:
 def rollout_observations(n: int, seed: int = 0) -> list[list[float]]:
     rng = np.random.default_rng(seed)
     return (rng.standard_normal((n, 4)) * [1.0, 1.0, 0.1, 1.0]).tolist()
-
-
-def error_of(response, status):
-    assert response.status_code == status, response.text
-    assert response.headers["content-type"].startswith("application/json")
-    error = response.json()["error"]
-    assert set(error) >= {"status", "code", "field", "message"} and error["status"] == status
-    return error
 
 
 def test_one_observation(policy_server):
@@ -148,7 +140,7 @@ def test_metrics_show_models_versions_and_timings(policy_server):
 
 
 def test_readyz_waits_for_warm_up(tmp_path):
-    with running_service("policy", tmp_path, env={"WARMUP_MIN_SECONDS": "4"}, wait=False) as server:
+    with running_service("policy", tmp_path, env={"WARMUP_MIN_SECONDS": "15"}, wait=False) as server:
         seen = []
         import time
         deadline = time.monotonic() + 90
