@@ -104,15 +104,45 @@ def test_policy_endpoints(stack):
     assert requests.get(f"{url}/readyz").status_code == 200
 
 
+def needs(name):
+    return pytest.mark.skipif(name not in NAMES, reason=f"no {name} service or models in this checkout")
+
+
+@needs("generator")
+def test_generator_endpoints(stack):
+    url = stack.url("generator")
+    first = requests.post(f"{url}/generate", json={"n": 3, "seed": 42, "format": "json"})
+    assert first.status_code == 200, first.text
+    body = first.json()
+    assert len(body["images"]) == 3 and body["seeds"] == [42, 43, 44]
+    grid = requests.post(f"{url}/generate", json={"n": 4, "seed": 42, "format": "png"})
+    assert grid.status_code == 200 and grid.headers["content-type"] == "image/png"
+    assert grid.content.startswith(b"\x89PNG")
+    frames = requests.post(f"{url}/interpolate", json={"seed_a": 1, "seed_b": 2, "steps": 5, "format": "json"})
+    assert frames.status_code == 200 and len(frames.json()["frames"]) == 5
+    bad = requests.post(f"{url}/generate", json={"n": 65})
+    assert bad.status_code == 400 and bad.json()["error"]["field"] == "n"
+    info = requests.get(f"{url}/info").json()
+    assert info["models"][0]["name"] == "fashion" and info["limits"]["max_images"] == 64
+    stack.compose("restart", "generator")
+    stack.wait_healthy(["generator"])
+    again = requests.post(f"{url}/generate", json={"n": 3, "seed": 42, "format": "json"}).json()
+    assert again["images"] == body["images"], "the same seed gave other bytes after a restart"
+
+
 def test_short_locust_run_against_the_containers(stack, tmp_path):
-    prefix = tmp_path / "compose"
-    result = subprocess.run([sys.executable, "-m", "locust", "-f", "loadtests/policy.py", "--headless",
-                             "-u", "16", "-r", "16", "-t", "5s", "--host", stack.url("policy"),
-                             "--csv", str(prefix), "--only-summary", "--loglevel", "WARNING"],
-                            cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr[-3000:]
-    total = next(row for row in csv.DictReader(open(f"{prefix}_stats.csv")) if row["Name"] == "Aggregated")
-    assert int(total["Request Count"]) > 50 and int(total["Failure Count"]) == 0
+    """The scenario runner with its SLO gate, against the containers: every service present."""
+    scenario = "mixed" if len(NAMES) == 3 else "policy"
+    urls = [arg for name in NAMES for arg in (f"--{name}-url", stack.url(name))]
+    result = subprocess.run([sys.executable, "-m", "loadtests.run", scenario, "--users", "16", "--spawn-rate", "16",
+                             "--duration", "8s", "--out", str(tmp_path), *urls],
+                            cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = {row["Name"]: row for row in csv.DictReader(open(tmp_path / f"{scenario}_stats.csv"))}
+    assert int(rows["Aggregated"]["Request Count"]) > 50 and int(rows["Aggregated"]["Failure Count"]) == 0
+    for name, prefix in (("policy", "/act"), ("generator", "/generate"), ("classifier", "/classify")):
+        if scenario == "mixed" and name in NAMES:
+            assert any(row.startswith(prefix) for row in rows), f"no {prefix} requests in the run"
 
 
 def test_a_restarted_container_comes_back_healthy(stack):

@@ -150,6 +150,7 @@ def test_interpolation_grid_and_gif(server):
 
 
 BAD_GENERATE = [
+    ({"n": 2, "sed": 5}, 400, "unknown_field", "sed"),
     ({"n": 0}, 400, "n_out_of_range", "n"),
     ({"n": 65}, 400, "n_out_of_range", "n"),
     ({"n": 2.5}, 400, "invalid_request", "n"),

@@ -92,6 +92,8 @@ BAD_INPUTS = [
     ({"observations": [[0, 0, 0, 0]], "model": "cartpole", "seed": -1}, 400, "invalid_request", "seed"),
     ({"model": "cartpole"}, 400, "invalid_request", "observations"),
     ({"observations": "lots", "model": "cartpole"}, 400, "invalid_request", "observations"),
+    ({"observations": [[0, 0, 0, 0]], "model": "cartpole", "determinstic": False}, 400, "unknown_field",
+     "determinstic"),
 ]
 
 

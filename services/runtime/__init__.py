@@ -8,7 +8,16 @@ from services.runtime.http import ServiceHttp
 
 
 def add_http_layer(service, name: str, settings: Settings | None = None) -> None:
-    """Wrap a BentoML service in the shared HTTP layer (auth, body limit, error shape, /info)."""
+    """Wrap a BentoML service in the shared HTTP layer (auth, body limit, error shape, /info).
+
+    Also make every JSON endpoint reject fields it does not know: a misspelt
+    "determinstic" must be a 400 naming it, not a silently ignored option.
+    """
+    for api in service.apis.values():
+        spec = api.input_spec
+        if not getattr(spec, "multipart_fields", None):  # multipart forms check their own fields
+            spec.model_config["extra"] = "forbid"
+            spec.model_rebuild(force=True)
     settings = settings or Settings.from_env()
     service.add_asgi_middleware(ServiceHttp, service=name, max_body_bytes=settings.max_body_bytes,
                                 api_key=settings.api_key)

@@ -160,10 +160,13 @@ def _as_error_shape(status: int, body: bytes) -> dict:
         data = data[0]
     if isinstance(data, dict) and isinstance(data.get("detail"), list) and data["detail"]:
         # pydantic validation errors: name each field, e.g. "deterministic: Input should be a valid boolean"
-        problems = [{"field": _loc(d.get("loc", ())), "message": d.get("msg", "invalid")} for d in data["detail"]]
+        problems = [{"field": _loc(d.get("loc", ())),
+                     "message": "unknown field" if d.get("type") == "extra_forbidden" else d.get("msg", "invalid")}
+                    for d in data["detail"]]
         first = problems[0]
         message = "; ".join(f"{p['field']}: {p['message']}" for p in problems)
-        return error_body(status, "invalid_request", message, first["field"], problems=problems)
+        code = "unknown_field" if first["message"] == "unknown field" else "invalid_request"
+        return error_body(status, code, message, first["field"], problems=problems)
     if isinstance(data, dict) and isinstance(data.get("error") or data.get("detail"), str):
         message = data.get("error") or data.get("detail")
     else:
