@@ -18,7 +18,7 @@ def add_http_layer(service, name: str, settings: Settings | None = None) -> None
         if not getattr(spec, "multipart_fields", None):  # multipart forms check their own fields
             spec.model_config["extra"] = "forbid"
             spec.model_rebuild(force=True)
-    settings = settings or Settings.from_env()
+    settings = settings or Settings.from_env(name)
     service.add_asgi_middleware(ServiceHttp, service=name, max_body_bytes=settings.max_body_bytes,
                                 api_key=settings.api_key)
 

@@ -41,6 +41,12 @@ def _pins(raw: str) -> dict[str, str]:
     return pins
 
 
+# Defaults that differ by service; the environment still overrides them.
+SERVICE_DEFAULTS = {
+    "classifier": {"max_body_bytes": 64 * 1024 * 1024},  # several full-size photos in one upload
+}
+
+
 @dataclass(frozen=True)
 class Settings:
     models_dir: Path = Path("models")
@@ -56,7 +62,7 @@ class Settings:
     model_versions: dict[str, str] = field(default_factory=dict)
 
     @classmethod
-    def from_env(cls) -> "Settings":
+    def from_env(cls, service: str | None = None) -> "Settings":
         device = os.environ.get("INFER_DEVICE", "auto").strip().lower() or "auto"
         if device not in DEVICES:
             raise ValueError(f"INFER_DEVICE={device!r} must be one of {', '.join(DEVICES)}")
@@ -67,7 +73,8 @@ class Settings:
             models_dir=Path(os.environ.get("MODELS_DIR", "models")),
             device=device,
             api_key=os.environ.get("API_KEY") or None,
-            max_body_bytes=_int("MAX_BODY_BYTES", cls.max_body_bytes, minimum=1),
+            max_body_bytes=_int("MAX_BODY_BYTES", SERVICE_DEFAULTS.get(service, {}).get("max_body_bytes",
+                                                                                   cls.max_body_bytes), minimum=1),
             max_batch_size=_int("MAX_BATCH_SIZE", cls.max_batch_size, minimum=1),
             batching=batching in ("on", "1", "true"),
             batch_max_rows=_int("BATCH_MAX_ROWS", cls.batch_max_rows, minimum=1),

@@ -105,7 +105,7 @@ class Runtime:
     def __init__(self, service: str, kind: str, settings: Settings | None = None):
         _log_to_stderr()
         self.service, self.kind = service, kind
-        self.settings = settings or Settings.from_env()
+        self.settings = settings or Settings.from_env(service)
         self.models: dict[str, LoadedModel] = {}
         self.ready = False
         self.failure: str | None = None
