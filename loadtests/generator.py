@@ -8,14 +8,14 @@ one in ten requests repeats a seed already seen and must get the same bytes back
 
 from __future__ import annotations
 
-import base64
 import os
 import random
 
 from locust import HttpUser, between, tag, task
 
+from loadtests.checks import PNG_SIGNATURE, check_generate
+
 API_KEY = os.environ.get("API_KEY")
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 class GeneratorUser(HttpUser):
@@ -61,18 +61,3 @@ class GeneratorUser(HttpUser):
                 response.failure("the answer is not a PNG")
             else:
                 response.success()
-
-
-def check_generate(response, n: int, seed: int, size: tuple[int, int]) -> str | None:
-    if response.status_code != 200:
-        return f"HTTP {response.status_code}: {response.text[:200]}"
-    body = response.json()
-    images, seeds = body.get("images", []), body.get("seeds", [])
-    if len(images) != n or seeds[:1] != [seed]:
-        return f"expected {n} images starting at seed {seed}, got {len(images)} with seeds {seeds[:2]}"
-    for image in images:
-        png = base64.b64decode(image)
-        width, height = int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")
-        if not png.startswith(PNG_SIGNATURE) or (width, height) != size:
-            return f"not a {size[0]}x{size[1]} PNG"
-    return None

@@ -17,6 +17,8 @@ from pathlib import Path
 
 from locust import HttpUser, between, tag, task
 
+from loadtests.checks import check_policy
+
 ROLLOUTS = json.loads((Path(__file__).resolve().parent / "data" / "policy_rollouts.json").read_text())
 API_KEY = os.environ.get("API_KEY")
 
@@ -35,7 +37,7 @@ class PolicyUser(HttpUser):
         observations = rollout["observations"][start:start + size]
         with self.client.post("/act", json={"observations": observations, "model": model},
                               name=f"/act {model} x{size}", catch_response=True) as response:
-            problem = check(response, rollout, start, size)
+            problem = check_policy(response, rollout, start, size)
             if problem:
                 response.failure(problem)
             else:
@@ -55,18 +57,3 @@ class PolicyUser(HttpUser):
     @task(1)
     def act_cartpole_batch(self):
         self._act("cartpole", random.choice([8, 16, 32]))
-
-
-def check(response, rollout: dict, start: int, size: int) -> str | None:
-    if response.status_code != 200:
-        return f"HTTP {response.status_code}: {response.text[:200]}"
-    body = response.json()
-    actions = body.get("actions")
-    if not isinstance(actions, list) or len(actions) != size:
-        return f"expected {size} actions, got {actions!r:.200}"
-    probabilities = body.get("probabilities")
-    if probabilities is not None and any(abs(sum(p) - 1) > 1e-4 for p in probabilities):
-        return "probabilities do not sum to 1"
-    if body.get("version") == rollout["version"] and actions != rollout["actions"][start:start + size]:
-        return "actions differ from the recorded deterministic actions of this version"
-    return None

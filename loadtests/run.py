@@ -31,7 +31,7 @@ DEFAULT_URLS = {"policy": "http://127.0.0.1:3001", "generator": "http://127.0.0.
 
 def scenarios() -> list[str]:
     return sorted(p.stem for p in HERE.glob("*.py")
-                  if p.stem not in {"__init__", "run", "benchmark", "record_policy_rollouts", "common"})
+                  if p.stem in {"policy", "generator", "classifier", "mixed"})
 
 
 def service_url(name: str) -> str:

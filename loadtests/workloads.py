@@ -74,4 +74,76 @@ class PolicyWorkload(Workload):
             return len(answer.get("actions", [])) == 1, 1
 
 
-WORKLOADS: dict[str, Workload] = {"policy": PolicyWorkload()}
+class GeneratorWorkload(Workload):
+    name = "generator"
+    unit = "images"
+    per_request = 8
+    description = ("`POST /generate` with n=8 and a fresh seed per request, JSON with base64 PNGs; raw: seed to "
+                   "latent, `session.run`, uint8 conversion and PNG encoding of every image, in-process.")
+
+    def raw(self, batch_sizes, seconds):
+        from services.generator import png_bytes, seed_latent, to_uint8
+
+        entry, session = session_for("generator", "fashion")
+        latent_dim = int(entry.card["contract"]["latent_dim"])
+        input_name = session.get_inputs()[0].name
+        out = {}
+        for n in batch_sizes:
+            def work():
+                latents = np.stack([seed_latent(s, latent_dim) for s in range(n)])
+                images = to_uint8(session.run(None, {input_name: latents})[0])
+                return [png_bytes(image) for image in images]
+            out[n] = n * timed(work, seconds)
+        return out
+
+    async def call(self, session, url, i):
+        body = {"n": self.per_request, "seed": (i * self.per_request) % 2**31, "format": "json"}
+        async with session.post(f"{url}/generate", json=body) as response:
+            if response.status != 200:
+                return False, 0
+            answer = await response.json()
+            return len(answer.get("images", [])) == self.per_request, self.per_request
+
+
+class ClassifierWorkload(Workload):
+    name = "classifier"
+    unit = "images"
+    per_request = 8
+    description = ("`POST /classify` with 8 real Fashion-MNIST test images per request (multipart; PNG and JPEG at "
+                   "28 to 112 px); raw: decoding, preprocessing and `session.run` on the same files, in-process.")
+
+    def raw(self, batch_sizes, seconds):
+        from loadtests.classifier_data import model, preprocess, samples
+
+        files = [data for _, data, _ in samples()]
+        _, session = model()
+        input_name = session.get_inputs()[0].name
+        out = {}
+        for n in batch_sizes:
+            chunk = (files * (n // len(files) + 1))[:n]
+            out[n] = n * timed(lambda: session.run(None, {input_name: preprocess(chunk)}), seconds)
+        return out
+
+    async def call(self, session, url, i):
+        from loadtests.classifier_data import samples
+
+        pool = samples()
+        form = aiohttp_form([pool[(i + k) % len(pool)] for k in range(self.per_request)])
+        async with session.post(f"{url}/classify", data=form) as response:
+            if response.status != 200:
+                return False, 0
+            answer = await response.json()
+            return len(answer.get("predictions", [])) == self.per_request, self.per_request
+
+
+def aiohttp_form(files):
+    import aiohttp
+
+    form = aiohttp.FormData()
+    for name, data, _ in files:
+        form.add_field("images", data, filename=name, content_type="image/png" if name.endswith("png") else "image/jpeg")
+    return form
+
+
+WORKLOADS: dict[str, Workload] = {"policy": PolicyWorkload(), "generator": GeneratorWorkload(),
+                                  "classifier": ClassifierWorkload()}

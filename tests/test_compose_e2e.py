@@ -130,6 +130,42 @@ def test_generator_endpoints(stack):
     assert again["images"] == body["images"], "the same seed gave other bytes after a restart"
 
 
+def fashion_png(index: int) -> bytes:
+    from loadtests.classifier_data import encode
+    from training.datasets import load_fashion_mnist
+
+    images, _ = load_fashion_mnist("test")
+    return encode(images[index], 56, "PNG")
+
+
+@needs("classifier")
+def test_classifier_endpoints_and_taught_state_survives_a_restart(stack):
+    url = stack.url("classifier")
+    shirt, boot = fashion_png(1), fashion_png(0)
+    upload = [("images", ("a.png", shirt, "image/png")), ("images", ("b.png", boot, "image/png"))]
+    r = requests.post(f"{url}/classify", files=upload, data={"top_k": "2"})
+    assert r.status_code == 200, r.text
+    assert [len(p) for p in r.json()["predictions"]] == [2, 2]
+    r = requests.post(f"{url}/embed", files=upload)
+    assert r.status_code == 200 and len(r.json()["embeddings"]) == 2
+    taught = requests.post(f"{url}/teach", files=[("images", ("s.png", shirt, "image/png"))], data={"name": "my-shirt"})
+    assert taught.status_code == 200, taught.text
+    check = requests.post(f"{url}/check", files=upload).json()["results"]
+    assert check[0]["name"] == "my-shirt" and check[0]["matched"] is True
+    assert requests.post(f"{url}/similar", files=[("images", ("s.png", shirt, "image/png"))]).status_code == 200
+    bad = requests.post(f"{url}/classify", files=[("images", ("x.png", b"not an image", "image/png"))])
+    assert 400 <= bad.status_code < 500 and bad.json()["error"]["field"]
+
+    stack.compose("restart", "classifier")
+    stack.wait_healthy(["classifier"])
+    names = requests.post(f"{url}/taught", json={}).json()["names"]
+    assert {"name": "my-shirt", "examples": 1} in names, names
+    assert requests.post(f"{url}/rename", json={"name": "my-shirt", "new_name": "shirt-1"}).status_code == 200
+    exported = requests.post(f"{url}/state/export", json={})
+    assert exported.status_code == 200 and "shirt-1" in json.dumps(exported.json())
+    assert requests.post(f"{url}/forget", json={"name": "shirt-1"}).json()["forgotten"] == 1
+
+
 def test_short_locust_run_against_the_containers(stack, tmp_path):
     """The scenario runner with its SLO gate, against the containers: every service present."""
     scenario = "mixed" if len(NAMES) == 3 else "policy"

@@ -7,7 +7,9 @@ import sys
 from types import SimpleNamespace
 
 from conftest import ROOT
-from loadtests.policy import ROLLOUTS, check
+from loadtests.checks import check_policy as check
+
+ROLLOUTS = json.loads((ROOT / "loadtests" / "data" / "policy_rollouts.json").read_text())
 
 
 def run_scenario(server, tmp_path, slo: dict, duration="6s"):
