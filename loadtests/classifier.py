@@ -10,24 +10,19 @@ embeddings must be unit vectors.
 from __future__ import annotations
 
 import math
-import os
 import random
 
-from locust import HttpUser, between, tag, task
+from locust import tag, task
 
 from loadtests.classifier_data import samples
+from loadtests.run import service_url
+from loadtests.users import ServiceUser
 
 SAMPLES = samples()
-API_KEY = os.environ.get("API_KEY")
 
 
-class ClassifierUser(HttpUser):
-    host = os.environ.get("CLASSIFIER_URL", "http://127.0.0.1:3003")
-    wait_time = between(0.0, 0.01)
-
-    def on_start(self):
-        if API_KEY:
-            self.client.headers["Authorization"] = f"Bearer {API_KEY}"
+class ClassifierUser(ServiceUser):
+    host = service_url("classifier")
 
     def _files(self, count: int):
         chosen = random.sample(SAMPLES, count)

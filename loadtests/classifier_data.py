@@ -33,11 +33,7 @@ def model():
 
 
 def preprocess(files: list[bytes]) -> np.ndarray:
-    entry, _ = model()
-    contract = entry.card["contract"]["preprocessing"]
-    args = imaging.contract_args(contract)
-    pixels = np.stack([imaging.prepare(imaging.decode(data), **args) for data in files])
-    return imaging.normalise(pixels, contract["mean"], contract["std"])
+    return imaging.preprocess(files, model()[0].card["contract"]["preprocessing"])
 
 
 def offline_labels(files: list[bytes]) -> list[str]:

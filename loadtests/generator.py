@@ -8,23 +8,21 @@ one in ten requests repeats a seed already seen and must get the same bytes back
 
 from __future__ import annotations
 
-import os
 import random
 
-from locust import HttpUser, between, tag, task
+from locust import tag, task
 
 from loadtests.checks import PNG_SIGNATURE, check_generate
+from loadtests.run import service_url
+from loadtests.users import ServiceUser
 
-API_KEY = os.environ.get("API_KEY")
 
 
-class GeneratorUser(HttpUser):
-    host = os.environ.get("GENERATOR_URL", "http://127.0.0.1:3002")
-    wait_time = between(0.0, 0.01)
+class GeneratorUser(ServiceUser):
+    host = service_url("generator")
 
     def on_start(self):
-        if API_KEY:
-            self.client.headers["Authorization"] = f"Bearer {API_KEY}"
+        super().on_start()
         info = self.client.get("/info", name="/info").json()
         model = info["models"][0]["contract"]
         self.size = (int(model["image_size"]), int(model["image_size"]))

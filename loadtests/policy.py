@@ -11,25 +11,20 @@ otherwise the answer is checked for shape and range only. A wrong answer is a fa
 from __future__ import annotations
 
 import json
-import os
 import random
 from pathlib import Path
 
-from locust import HttpUser, between, tag, task
+from locust import tag, task
 
 from loadtests.checks import check_policy
+from loadtests.run import service_url
+from loadtests.users import ServiceUser
 
 ROLLOUTS = json.loads((Path(__file__).resolve().parent / "data" / "policy_rollouts.json").read_text())
-API_KEY = os.environ.get("API_KEY")
 
 
-class PolicyUser(HttpUser):
-    host = os.environ.get("POLICY_URL", "http://127.0.0.1:3001")
-    wait_time = between(0.0, 0.01)
-
-    def on_start(self):
-        if API_KEY:
-            self.client.headers["Authorization"] = f"Bearer {API_KEY}"
+class PolicyUser(ServiceUser):
+    host = service_url("policy")
 
     def _act(self, model: str, size: int):
         rollout = ROLLOUTS[model]

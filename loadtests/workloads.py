@@ -42,8 +42,21 @@ class Workload:
     def raw(self, batch_sizes: list[int], seconds: float) -> dict[int, float]:
         raise NotImplementedError
 
-    async def call(self, session, url: str, i: int) -> tuple[bool, int]:
+    def request(self, i: int) -> tuple[str, dict]:
+        """The i-th request: (path, keyword arguments of aiohttp's post)."""
         raise NotImplementedError
+
+    def answered(self, answer: dict) -> int:
+        """How many items the answer holds correctly (0: a wrong answer)."""
+        raise NotImplementedError
+
+    async def call(self, session, url: str, i: int) -> tuple[bool, int]:
+        path, kwargs = self.request(i)
+        async with session.post(f"{url}{path}", **kwargs) as response:
+            if response.status != 200:
+                return False, 0
+            items = self.answered(await response.json())
+            return items > 0, items
 
 
 class PolicyWorkload(Workload):
@@ -65,13 +78,11 @@ class PolicyWorkload(Workload):
             out[n] = n * timed(lambda: session.run(None, {"observation": batch}), seconds)
         return out
 
-    async def call(self, session, url, i):
-        body = {"observations": [self.observations[i % len(self.observations)]], "model": "cartpole"}
-        async with session.post(f"{url}/act", json=body) as response:
-            if response.status != 200:
-                return False, 0
-            answer = await response.json()
-            return len(answer.get("actions", [])) == 1, 1
+    def request(self, i):
+        return "/act", {"json": {"observations": [self.observations[i % len(self.observations)]], "model": "cartpole"}}
+
+    def answered(self, answer):
+        return int(len(answer.get("actions", [])) == 1)
 
 
 class GeneratorWorkload(Workload):
@@ -96,13 +107,11 @@ class GeneratorWorkload(Workload):
             out[n] = n * timed(work, seconds)
         return out
 
-    async def call(self, session, url, i):
-        body = {"n": self.per_request, "seed": (i * self.per_request) % 2**31, "format": "json"}
-        async with session.post(f"{url}/generate", json=body) as response:
-            if response.status != 200:
-                return False, 0
-            answer = await response.json()
-            return len(answer.get("images", [])) == self.per_request, self.per_request
+    def request(self, i):
+        return "/generate", {"json": {"n": self.per_request, "seed": (i * self.per_request) % 2**31, "format": "json"}}
+
+    def answered(self, answer):
+        return self.per_request if len(answer.get("images", [])) == self.per_request else 0
 
 
 class ClassifierWorkload(Workload):
@@ -124,16 +133,14 @@ class ClassifierWorkload(Workload):
             out[n] = n * timed(lambda: session.run(None, {input_name: preprocess(chunk)}), seconds)
         return out
 
-    async def call(self, session, url, i):
+    def request(self, i):
         from loadtests.classifier_data import samples
 
         pool = samples()
-        form = aiohttp_form([pool[(i + k) % len(pool)] for k in range(self.per_request)])
-        async with session.post(f"{url}/classify", data=form) as response:
-            if response.status != 200:
-                return False, 0
-            answer = await response.json()
-            return len(answer.get("predictions", [])) == self.per_request, self.per_request
+        return "/classify", {"data": aiohttp_form([pool[(i + k) % len(pool)] for k in range(self.per_request)])}
+
+    def answered(self, answer):
+        return self.per_request if len(answer.get("predictions", [])) == self.per_request else 0
 
 
 def aiohttp_form(files):

@@ -86,7 +86,9 @@ class Upload(bentoml.IODescriptor):
                                          f"not {media_type or 'no content type'}", "images")
             return cls.model_construct(**values)
         file_fields = set(cls.multipart_fields)  # BentoML marks the Path fields
-        limit = int(os.environ.get("MAX_IMAGES_PER_REQUEST", "32") or 32)
+        # The service's limits, read once at start; one file more than allowed lets the
+        # endpoint answer too_many_images instead of starlette's generic error.
+        limit = bentoml.get_current_service().limits.images_per_request
         try:
             form = await request.form(max_files=limit + 1, max_fields=16, max_part_size=64 * 1024)
         except Exception as exc:  # noqa: BLE001 - starlette's multipart errors: malformed or over its limits

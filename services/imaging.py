@@ -126,6 +126,13 @@ def normalise(pixels: np.ndarray, mean, std) -> np.ndarray:
     return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
 
 
+def preprocess(files: list[bytes], preprocessing: dict, limits: Limits = Limits()) -> np.ndarray:
+    """Image files -> the model's float32 input batch, by a card's contract.preprocessing (offline use;
+    the service decodes file by file to name a bad one)."""
+    pixels = np.stack([prepare(decode(data, limits), **contract_args(preprocessing)) for data in files])
+    return normalise(pixels, preprocessing["mean"], preprocessing["std"])
+
+
 def contract_args(preprocessing: dict) -> dict:
     """prepare()'s keyword arguments from a card's contract.preprocessing."""
     return {"size": int(preprocessing["input_size"]), "colour": preprocessing["colour"],

@@ -59,8 +59,7 @@ class Offline:
         self.prep = self.card["contract"]["preprocessing"]
 
     def run(self, files: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
-        pixels = np.stack([imaging.prepare(imaging.decode(f), **imaging.contract_args(self.prep)) for f in files])
-        logits, embedding = self.session.run(None, {"image": imaging.normalise(pixels, self.prep["mean"], self.prep["std"])})
+        logits, embedding = self.session.run(None, {"image": imaging.preprocess(files, self.prep)})
         return logits, embedding
 
     def probabilities(self, files: list[bytes]) -> np.ndarray:

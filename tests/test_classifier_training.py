@@ -9,12 +9,11 @@ import sys
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 import requests
 from PIL import Image
 
-from classifier_helpers import Offline, encode, error_of, fashion_images, upload, varied_files
+from classifier_helpers import Offline, encode, fashion_images, upload, varied_files
 from conftest import ROOT, running_service
 
 TINY = ["--image-size", "32", "--epochs", "1", "--batch-size", "16", "--val-size", "100", "--test-limit", "64",

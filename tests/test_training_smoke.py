@@ -5,7 +5,6 @@ Discrete (CartPole) and a Box (Pendulum) action space, then `python -m services`
 launcher) on that repository, then HTTP calls, then Ctrl-C.
 """
 
-import json
 import signal
 import subprocess
 import sys

@@ -6,11 +6,9 @@ model whose sha256 does not match its card.
 
 from __future__ import annotations
 
-import importlib.metadata
-import json
-import platform
 from pathlib import Path
 
+from services.runtime.core import software_versions
 from services.runtime.repository import CARD_FILE, MODEL_FILE, sha256_file, version_dirs, write_json_atomic
 
 
@@ -25,16 +23,6 @@ def new_version_dir(models_dir: Path, name: str, version: int | None = None) -> 
     return out
 
 
-def software_versions(packages: list[str]) -> dict[str, str]:
-    versions = {"python": platform.python_version()}
-    for package in packages + ["onnxruntime-gpu", "onnxruntime", "numpy"]:
-        try:
-            versions[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            pass
-    return versions
-
-
 def write_card(out: Path, card: dict, extra_packages: list[str]) -> dict:
     """Finish the card (file, size, sha256, software versions) and write it last.
 
@@ -46,6 +34,6 @@ def write_card(out: Path, card: dict, extra_packages: list[str]) -> dict:
     card["file"] = MODEL_FILE
     card["bytes"] = model.stat().st_size
     card["sha256"] = sha256_file(model)
-    card["software"] = software_versions(extra_packages)
+    card["software"] = dict(software_versions((*extra_packages, "onnxruntime-gpu", "onnxruntime", "numpy")))
     write_json_atomic(out / CARD_FILE, card)
     return card

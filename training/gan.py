@@ -22,7 +22,6 @@ channels. Any folder of images (class subfolders or flat) is resized and centre-
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import shlex
 import sys
@@ -36,7 +35,7 @@ from tqdm import tqdm
 
 from services.generator import image_grid
 from training import cards, gan_quality
-from training.datasets import load_fashion_mnist, load_images, to_tensor, to_uint8
+from training.datasets import load_images, to_tensor, to_uint8
 
 SEED_TO_LATENT = "numpy.random.default_rng(seed).standard_normal(latent_dim).astype(numpy.float32)"
 TO_UINT8 = "numpy.clip(numpy.rint((image + 1) * 127.5), 0, 255).astype(numpy.uint8)"

@@ -12,6 +12,7 @@ with one log line saying why.
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import logging
 import platform
@@ -175,14 +176,19 @@ class Runtime:
             "models": [m.describe() for m in self.models.values()],
             "limits": self.settings.limits(),
             "auth": "bearer API key on POST endpoints" if self.settings.api_key else "none",
-            "software": software_versions(),
+            "software": dict(software_versions()),
             **extra,
         }
 
 
-def software_versions() -> dict:
+SERVING_PACKAGES = ("bentoml", "onnxruntime-gpu", "onnxruntime", "numpy", "pillow")
+
+
+@functools.lru_cache(maxsize=None)
+def software_versions(packages: tuple[str, ...] = SERVING_PACKAGES) -> dict:
+    """Python and package versions (installed ones only); cached, they cannot change while running."""
     versions = {"python": platform.python_version()}
-    for package in ("bentoml", "onnxruntime-gpu", "onnxruntime", "numpy", "pillow"):
+    for package in packages:
         try:
             versions[package] = importlib.metadata.version(package)
         except importlib.metadata.PackageNotFoundError:
