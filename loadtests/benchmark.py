@@ -106,12 +106,12 @@ async def drive(url: str, workload: Workload, concurrency: int, seconds: float, 
         run.seconds = time.perf_counter() - started
 
 
-def served(workload: Workload, server_cores: set[int], batching: bool, seconds: float) -> list[ServedRun]:
+def served(workload: Workload, server_cores: set[int], batching: bool, seconds: float, logs: Path) -> list[ServedRun]:
     spec = next(s for s in launch.SERVICES if s.name == workload.name)
     port = _free_port()
     env = {"MODELS_DIR": str(ROOT / "models"), "INFER_THREADS": "1", "ADAPTIVE_BATCHING": "on" if batching else "off",
            **workload.server_env}
-    log = open(ROOT / "benchmarks" / f"server-{workload.name}-{'on' if batching else 'off'}.log", "w")
+    log = open(logs / f"server-{workload.name}-{'on' if batching else 'off'}.log", "w")
     process = subprocess.Popen(["taskset", "-c", ",".join(map(str, sorted(server_cores))),
                                 *launch.serve_command(spec, "127.0.0.1", port)],
                                cwd=ROOT, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT,
@@ -284,7 +284,7 @@ def main(argv=None) -> int:
     names = args.services or [n for n in WORKLOADS if (ROOT / "models" / n).is_dir()]
     server_cores, client_cores = cpu_split()
     os.sched_setaffinity(0, client_cores)
-    plots = ROOT / "benchmarks"
+    plots = args.out.parent / "benchmarks"  # beside the report, which links them relatively
     plots.mkdir(exist_ok=True)
     results = {}
     for name in names:
@@ -292,7 +292,8 @@ def main(argv=None) -> int:
         print(f"{name}: raw in-process on cores {sorted(server_cores)} ...", flush=True)
         raw = raw_throughput(workload, server_cores, args.raw_seconds)
         print("  " + ", ".join(f"batch {b}: {v:,.0f} {workload.unit}/s" for b, v in raw.items()), flush=True)
-        runs = served(workload, server_cores, True, args.duration) + served(workload, server_cores, False, args.duration)
+        runs = (served(workload, server_cores, True, args.duration, plots)
+                + served(workload, server_cores, False, args.duration, plots))
         plot(name, workload, raw, runs, plots)
         results[name] = (workload, raw, runs)
     (plots / "results.json").write_text(json.dumps(
