@@ -92,18 +92,51 @@ def failure(url: str) -> str | None:
         return None
 
 
+def descendants(pid: int) -> list[int]:
+    """Every process below pid. BentoML's workers call setsid, so a process group misses them."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _kill(pids: list[int]) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 def stop(process: subprocess.Popen, timeout: float = 15) -> None:
-    """SIGTERM the process group (BentoML's workers included); SIGKILL what is left."""
-    if process.poll() is not None:
-        return
-    try:
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait(timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
-    except ProcessLookupError:
-        pass
+    """SIGTERM the server, which stops its workers; SIGKILL whatever of its tree is left."""
+    tree = descendants(process.pid)
+    if process.poll() is None:
+        try:
+            os.killpg(process.pid, signal.SIGTERM)
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+        except ProcessLookupError:
+            pass
+    _kill(tree)
+
+
+def crash(process: subprocess.Popen) -> None:
+    """SIGKILL the server and all its workers at once: no shutdown code runs (a power cut)."""
+    tree = descendants(process.pid)
+    _kill([process.pid, *tree])
+    process.wait()
 
 
 def exec_one(name: str, host: str, port: int, models_dir: Path) -> int:
@@ -161,6 +194,9 @@ def main(argv=None) -> int:
                 stop(process)
 
     signal.signal(signal.SIGTERM, lambda *_: (shut_down(), sys.exit(0)))
+    # Ctrl-C: claimed explicitly, because a launcher started in the background by a shell
+    # inherits SIGINT as ignored and would otherwise never see it.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         for spec, process in running:
             url = f"http://{args.host}:{ports[spec.name]}"

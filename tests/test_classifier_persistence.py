@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -12,6 +10,7 @@ import requests
 
 from classifier_helpers import encode, fashion_images, upload
 from conftest import running_service
+from services import launch
 from test_classifier_service import MODELS_DIR
 
 
@@ -48,8 +47,7 @@ def test_state_survives_restart_and_kill_9_and_concurrent_teach_loses_nothing(tm
         result = check(server, [images[3]])[0]
         assert (result["name"], result["matched"], result["id"]) == ("person 3", True, ids[3][0])
         teach(server, "after restart", [images[24]])
-        os.killpg(server.process.pid, signal.SIGKILL)  # no shutdown code runs
-        server.process.wait()
+        launch.crash(server.process)  # SIGKILL, workers included: no shutdown code runs
     on_disk = json.loads(state_path.read_text())  # a complete, valid file: written atomically
     assert len(on_disk["examples"]) == 25
     assert not [p for p in state_path.parent.iterdir() if p.name != state_path.name], "temporary files left behind"
