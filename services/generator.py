@@ -29,6 +29,7 @@ from pydantic import Field
 from starlette.responses import Response
 
 from services.runtime import LoadedModel, Runtime, add_http_layer, api_errors, bad_request
+from services.runtime.config import workers
 
 SERVICE = "generator"
 MAX_IMAGES = 64                  # images per /generate request
@@ -145,7 +146,7 @@ def check_latents(latents: Any, latent_dim: int) -> np.ndarray:
     return np.asarray(latents, np.float32)
 
 
-@bentoml.service(name=SERVICE, traffic={"timeout": 60})
+@bentoml.service(name=SERVICE, workers=workers(), traffic={"timeout": 60})
 class Generator:
     def __init__(self) -> None:
         self.runtime = Runtime(service=SERVICE, kind="generator")

@@ -42,7 +42,7 @@ class ServiceSpec:
 SERVICES = [
     ServiceSpec("policy", "services.policy:Policy", 3001),
     ServiceSpec("generator", "services.generator:Generator", 3002),
-    ServiceSpec("classifier", "services.classifier:Classifier", 3003),
+    ServiceSpec("classifier", "services.classifier.service:Classifier", 3003),
 ]
 
 

@@ -13,6 +13,7 @@ import numpy as np
 from pydantic import Field
 
 from services.runtime import LoadedModel, Runtime, add_http_layer, api_errors, bad_request
+from services.runtime.config import workers
 
 SERVICE = "policy"
 
@@ -75,7 +76,7 @@ def sample_actions(model: LoadedModel, outputs: list[np.ndarray], seed: int | No
     return np.clip(sampled, low, high)
 
 
-@bentoml.service(name=SERVICE, traffic={"timeout": 30})
+@bentoml.service(name=SERVICE, workers=workers(), traffic={"timeout": 30})
 class Policy:
     def __init__(self) -> None:
         self.runtime = Runtime(service=SERVICE, kind="policy")

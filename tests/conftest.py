@@ -75,3 +75,19 @@ def models_copy(tmp_path) -> Path:
     target = tmp_path / "models"
     shutil.copytree(POLICIES, target / "policy")
     return target
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A real PostgreSQL 16 with pgvector (tests/postgres.py), one server for the session;
+    tests make their own databases on it."""
+    from postgres import Postgres, PostgresUnavailable
+
+    try:
+        server = Postgres()
+    except PostgresUnavailable as why:
+        pytest.skip(f"PostgreSQL tests skipped: {why}")
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -72,7 +72,7 @@ def test_the_classifier_service_imports_no_torch():
 
     from conftest import ROOT
 
-    code = ("import sys, services.classifier, services.imaging; "
+    code = ("import sys, services.classifier.service, services.imaging; "
             "bad = [m for m in ('torch', 'torchvision', 'training') if m in sys.modules]; assert not bad, bad")
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr

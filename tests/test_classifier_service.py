@@ -24,7 +24,7 @@ LIMITS = {"MAX_IMAGES_PER_REQUEST": "10", "MAX_IMAGE_BYTES": "300000", "MAX_IMAG
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("classifier")
-    env = {"MODELS_DIR": str(MODELS_DIR), "TEACH_STATE_PATH": str(tmp / "taught.json"), **LIMITS}
+    env = {"MODELS_DIR": str(MODELS_DIR), "TEACH_STORE": f"sqlite:///{tmp / 'taught.db'}", **LIMITS}
     with running_service("classifier", tmp, env=env) as s:
         yield s
 

@@ -67,7 +67,7 @@ def test_trained_model_is_served_exactly_as_offline(trained, tmp_path):
     root, out = trained
     files = varied_files()
     with running_service("classifier", tmp_path, env={"MODELS_DIR": str(root),
-                                                      "TEACH_STATE_PATH": str(tmp_path / "t.json")}) as server:
+                                                      "TEACH_STORE": f"sqlite:///{tmp_path / 't.db'}"}) as server:
         body = requests.post(f"{server.url}/classify", files=upload(files), data={"top_k": "3"}, timeout=60).json()
         info = requests.get(f"{server.url}/info", timeout=10).json()
     assert body["model"] == "tiny"

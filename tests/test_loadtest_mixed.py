@@ -14,7 +14,7 @@ def test_mixed_scenario_against_the_three_services(tmp_path):
     with ExitStack() as stack:
         servers = {name: stack.enter_context(running_service(name, tmp_path, env=env))
                    for name, env in (("policy", {}), ("generator", {}),
-                                     ("classifier", {"TEACH_STATE_PATH": str(tmp_path / "taught.json")}))}
+                                     ("classifier", {"TEACH_STORE": f"sqlite:///{tmp_path / 'taught.db'}"}))}
         urls = [arg for name, server in servers.items() for arg in (f"--{name}-url", server.url)]
         result = subprocess.run([sys.executable, "-m", "loadtests.run", "mixed", "--users", "12", "--spawn-rate", "12",
                                  "--duration", "8s", "--out", str(tmp_path / "reports"), *urls],

@@ -7,7 +7,8 @@ from services.runtime.errors import ApiError, api_errors, bad_request
 from services.runtime.http import ServiceHttp
 
 
-def add_http_layer(service, name: str, settings: Settings | None = None) -> None:
+def add_http_layer(service, name: str, settings: Settings | None = None,
+                   body_limits: dict[str, int] | None = None) -> None:
     """Wrap a BentoML service in the shared HTTP layer (auth, body limit, error shape, /info).
 
     Also make every JSON endpoint reject fields it does not know: a misspelt
@@ -20,7 +21,7 @@ def add_http_layer(service, name: str, settings: Settings | None = None) -> None
             spec.model_rebuild(force=True)
     settings = settings or Settings.from_env(name)
     service.add_asgi_middleware(ServiceHttp, service=name, max_body_bytes=settings.max_body_bytes,
-                                api_key=settings.api_key)
+                                api_key=settings.api_key, body_limits=body_limits)
 
 
 __all__ = ["ApiError", "LoadedModel", "Runtime", "Settings", "add_http_layer", "api_errors", "bad_request"]

@@ -30,6 +30,12 @@ def _float(name: str, default: float) -> float:
         raise ValueError(f"{name}={raw!r} is not a number") from None
 
 
+def workers() -> int:
+    """WORKERS: worker processes of a service (default 1). Read when the service module is
+    imported, because BentoML takes it from the @bentoml.service decorator."""
+    return _int("WORKERS", 1, minimum=1)
+
+
 def _pins(raw: str) -> dict[str, str]:
     """MODEL_VERSIONS="cartpole=1,lunarlander=3" pins versions; unpinned models take the newest."""
     pins = {}

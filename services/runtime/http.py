@@ -3,7 +3,8 @@
 - API key: when API_KEY is set, POST endpoints (inference, and any call that changes state)
   need `Authorization: Bearer <key>` (401 otherwise). GET endpoints stay open: health
   (/livez, /healthz, /readyz), /metrics, /info and the OpenAPI docs.
-- Body size: a request body over MAX_BODY_BYTES gets 413 before the service sees it.
+- Body size: a request body over MAX_BODY_BYTES (or the route's own limit) gets 413 before
+  the service sees it.
 - One error shape: BentoML's own 4xx answers (request validation, unknown route, wrong
   media type) are rewritten into the shape of errors.py, naming the field.
 - GET /info: the service's info() (models, contracts, provider, limits, versions).
@@ -21,8 +22,10 @@ OPEN_METHODS = {"GET", "HEAD", "OPTIONS"}
 
 
 class ServiceHttp:
-    def __init__(self, app, service: str, max_body_bytes: int, api_key: str | None):
+    def __init__(self, app, service: str, max_body_bytes: int, api_key: str | None,
+                 body_limits: dict[str, int] | None = None):
         self.app, self.service, self.max_body_bytes = app, service, max_body_bytes
+        self.body_limits = body_limits or {}  # route -> its own limit (the classifier's /state/import)
         self.api_key = api_key.encode() if api_key else None
 
     async def __call__(self, scope, receive, send):
@@ -38,12 +41,13 @@ class ServiceHttp:
                                      field="Authorization", headers=[(b"www-authenticate", b"Bearer")])
 
         if method not in OPEN_METHODS:
+            limit = self.body_limits.get(path, self.max_body_bytes)
             length = _header(scope, b"content-length")
-            if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
-                return await self._too_large(send)
-            body, complete = await self._read_body(receive)
+            if length is not None and length.isdigit() and int(length) > limit:
+                return await self._too_large(send, limit)
+            body, complete = await self._read_body(receive, limit)
             if not complete:
-                return await self._too_large(send)
+                return await self._too_large(send, limit)
             receive = _replay(body, receive)
 
         return await self.app(scope, receive, _reshaping_send(send, self._count))
@@ -53,7 +57,7 @@ class ServiceHttp:
         scheme, _, token = header.partition(" ")
         return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), self.api_key)
 
-    async def _read_body(self, receive) -> tuple[bytes, bool]:
+    async def _read_body(self, receive, limit: int) -> tuple[bytes, bool]:
         chunks, size = [], 0
         while True:
             message = await receive()
@@ -61,15 +65,15 @@ class ServiceHttp:
                 return b"".join(chunks), True
             chunk = message.get("body", b"")
             size += len(chunk)
-            if size > self.max_body_bytes:
+            if size > limit:
                 return b"", False
             chunks.append(chunk)
             if not message.get("more_body", False):
                 return b"".join(chunks), True
 
-    async def _too_large(self, send):
-        await self._error(send, 413, "body_too_large",
-                          f"request body is over the limit of {self.max_body_bytes} bytes (MAX_BODY_BYTES)")
+    async def _too_large(self, send, limit: int):
+        setting = "MAX_BODY_BYTES" if limit == self.max_body_bytes else "this route's limit"
+        await self._error(send, 413, "body_too_large", f"request body is over the limit of {limit} bytes ({setting})")
 
     async def _info(self, send):
         import bentoml

@@ -1,0 +1,64 @@
+"""Every request limit of the classifier, from the environment (README: configuration), and the
+checks of names and integer fields that use them."""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from typing import Any
+
+from services import imaging
+from services.runtime import bad_request
+from services.runtime.config import _int
+
+NAME_PATTERN = re.compile(r"^[\w][\w .'@+-]*$")  # letters/digits (any script), space . ' @ + - _
+BYTES_PER_IMPORTED_EXAMPLE = 12 * 1024  # a 1,536-d embedding in base64 plus its fields, with room
+
+
+class Limits:
+    def __init__(self, max_batch_size: int):
+        self.images_per_request = min(_int("MAX_IMAGES_PER_REQUEST", 32, minimum=1), max_batch_size)
+        self.image = imaging.Limits(max_file_bytes=_int("MAX_IMAGE_BYTES", 8 * 1024 * 1024, minimum=1),
+                                    max_pixels=_int("MAX_IMAGE_PIXELS", 40_000_000, minimum=1),
+                                    max_side=_int("MAX_IMAGE_SIDE", 20_000, minimum=1))
+        self.name_length = _int("MAX_NAME_LENGTH", 64, minimum=1)
+        self.taught_examples = _int("MAX_TAUGHT_EXAMPLES", 10_000, minimum=1)
+        self.similar = 50
+
+    def describe(self) -> dict:
+        return {"max_images_per_request": self.images_per_request, "max_image_bytes": self.image.max_file_bytes,
+                "max_image_pixels": self.image.max_pixels, "max_image_side": self.image.max_side,
+                "max_name_length": self.name_length, "max_taught_examples": self.taught_examples,
+                "max_import_bytes": import_bytes(), "image_formats": sorted(imaging.FORMATS)}
+
+
+def import_bytes() -> int:
+    """Body limit of /state/import: room for an export at MAX_TAUGHT_EXAMPLES, so whatever the
+    service exports can be imported back (MAX_IMPORT_BYTES overrides it)."""
+    return _int("MAX_IMPORT_BYTES", _int("MAX_TAUGHT_EXAMPLES", 10_000, minimum=1) * BYTES_PER_IMPORTED_EXAMPLE,
+                minimum=1)
+
+
+def int_field(value: Any, field: str, low: int, high: int) -> int:
+    try:
+        number = int(str(value).strip())
+    except ValueError:
+        raise bad_request("invalid_field", f"{field} must be an integer, got {str(value)[:40]!r}", field) from None
+    if not low <= number <= high:
+        raise bad_request("invalid_field", f"{field} must be between {low} and {high}, got {number}", field)
+    return number
+
+
+def check_name(name: Any, max_length: int, field: str = "name") -> str:
+    """A taught name, in Unicode NFC: "café" typed with a combining accent is the same name as
+    the precomposed one."""
+    if not isinstance(name, str) or not name:
+        raise bad_request("invalid_name", f"{field} is required: a non-empty string", field)
+    name = unicodedata.normalize("NFC", name)
+    if len(name) > max_length:
+        raise bad_request("invalid_name", f"{field} has {len(name)} characters, over the limit of {max_length} "
+                          "(MAX_NAME_LENGTH)", field)
+    if name != name.strip() or not NAME_PATTERN.match(name):
+        raise bad_request("invalid_name", f"{field} {name[:40]!r} may hold letters, digits, spaces and . ' @ + - _, "
+                          "starting with a letter, digit or _, without leading or trailing spaces", field)
+    return name

@@ -1,0 +1,414 @@
+"""Taught examples in a real database, shared by every worker and replica.
+
+    store = open_store("sqlite:///data/classifier/taught.db")     # or postgresql://user:pw@host/db
+    store.add(examples, limit=10_000)                               # one transaction: all of it or nothing
+    store.generation()                                              # the change counter caches compare
+
+Two back-ends, one class of SQL (SqlStore) with a subclass each:
+- SQLite (standard library): the embedded default. WAL journal, synchronous=FULL, BEGIN IMMEDIATE
+  for every change, so several worker processes on one host share one file safely.
+- PostgreSQL (psycopg 3): for workers and replicas on several machines. With the pgvector
+  extension the embeddings are also kept as `vector` and nearest-neighbour search runs in the
+  database (matching.py); without it, every replica searches its own cached matrix.
+
+Every change is one transaction that also bumps the `generation` counter and stamps the rows it
+writes with the new value (`seq`). The counter's row lock serialises writers, so seqs commit in
+order, and a reader whose cached generation equals the store's has seen every change: a name
+taught through one worker or replica is found by any other in its very next request.
+Embeddings are float32 little-endian bytes, unit length (state.py validates every one).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import numpy as np
+
+log = logging.getLogger("services.classifier")
+
+
+@dataclass(frozen=True)
+class Example:
+    id: str                 # 32 hex digits
+    name: str
+    model: str              # the model that made the embedding, and its file's sha256:
+    model_sha256: str       # embeddings of different models are never compared
+    embedding: np.ndarray   # float32, unit length
+    source: str = ""        # the uploaded file's name
+    taught: str = ""        # UTC time, ISO 8601
+
+
+class StoreError(RuntimeError):
+    """The database cannot be reached or refused a change; nothing was changed (HTTP 503)."""
+
+
+class TooManyExamples(Exception):
+    def __init__(self, total: int, limit: int):
+        super().__init__(f"{total} examples is over the limit of {limit}")
+        self.total, self.limit = total, limit
+
+
+SCHEMA = [
+    """CREATE TABLE IF NOT EXISTS taught_examples (
+        id TEXT PRIMARY KEY,
+        name TEXT NOT NULL,
+        model TEXT NOT NULL,
+        model_sha256 TEXT NOT NULL,
+        embedding {blob} NOT NULL,
+        source TEXT NOT NULL,
+        taught TEXT NOT NULL,
+        seq BIGINT NOT NULL)""",
+    "CREATE INDEX IF NOT EXISTS taught_examples_model_seq ON taught_examples (model_sha256, seq)",
+    "CREATE INDEX IF NOT EXISTS taught_examples_name ON taught_examples (name)",
+    "CREATE TABLE IF NOT EXISTS taught_meta (key TEXT PRIMARY KEY, value BIGINT NOT NULL)",
+    "INSERT INTO taught_meta (key, value) VALUES ('generation', 0) ON CONFLICT (key) DO NOTHING",
+]
+COLUMNS = "id, name, model, model_sha256, embedding, source, taught"
+
+
+class SqlStore:
+    """The SQL both back-ends share; a subclass connects and says how transactions begin."""
+
+    kind = "sql"
+    pgvector = False  # nearest-neighbour search in the database
+
+    def __init__(self, url: str):
+        self.url = url
+        self._lock = threading.Lock()  # one connection per process, used from worker threads
+        self._connection = None
+        with self._write() as cursor:
+            for statement in SCHEMA:
+                cursor.execute(self._sql(statement.format(blob=self.blob)))
+            self._extend_schema(cursor)
+
+    # What a back-end provides -------------------------------------------------------------
+
+    blob = "BLOB"
+
+    def _connect(self):
+        raise NotImplementedError
+
+    def _begin(self, cursor, write: bool) -> None:
+        raise NotImplementedError
+
+    def _sql(self, statement: str) -> str:
+        return statement
+
+    def _extend_schema(self, cursor) -> None:
+        pass
+
+    def _insert_extra(self, cursor, examples: list[Example]) -> None:
+        pass
+
+    def describe(self) -> dict:
+        raise NotImplementedError
+
+    # Transactions --------------------------------------------------------------------------
+
+    @contextmanager
+    def _transaction(self, write: bool):
+        """One transaction on this process's connection: committed on success, rolled back on
+        any error. A lost connection is opened again once for reads; a write is never retried
+        blind (the caller gets a StoreError and nothing it sent was kept)."""
+        with self._lock:
+            for attempt in (1, 2):
+                connection = self._connection
+                try:
+                    if connection is None:
+                        connection = self._connection = self._connect()
+                    cursor = connection.cursor()
+                    self._begin(cursor, write)
+                    break
+                except Exception as exc:  # noqa: BLE001 - a dead connection: drop it, maybe retry
+                    self._drop()
+                    if attempt == 2:
+                        raise StoreError(f"the taught-examples store is unavailable: {exc}") from exc
+            try:
+                yield cursor
+                cursor.execute("COMMIT")
+            except BaseException as exc:
+                try:
+                    cursor.execute("ROLLBACK")
+                except Exception:  # noqa: BLE001 - the connection is gone: the server rolls back
+                    self._drop()
+                if isinstance(exc, (TooManyExamples, KeyError, StoreError)) or not isinstance(exc, Exception):
+                    raise
+                if self._is_database_error(exc):
+                    self._drop()
+                    raise StoreError(f"the taught-examples store failed: {exc}") from exc
+                raise
+
+    def _is_database_error(self, exc: Exception) -> bool:
+        raise NotImplementedError
+
+    def _drop(self) -> None:
+        if self._connection is not None:
+            try:
+                self._connection.close()
+            except Exception:  # noqa: BLE001
+                pass
+        self._connection = None
+
+    def _write(self):
+        return self._transaction(write=True)
+
+    def _read(self):
+        return self._transaction(write=False)
+
+    def close(self) -> None:
+        with self._lock:
+            self._drop()
+
+    @staticmethod
+    def _bump(cursor) -> int:
+        cursor.execute("UPDATE taught_meta SET value = value + 1 WHERE key = 'generation' RETURNING value")
+        return int(cursor.fetchone()[0])
+
+    # Reads ---------------------------------------------------------------------------------
+
+    def generation(self) -> int:
+        with self._read() as cursor:
+            cursor.execute("SELECT value FROM taught_meta WHERE key = 'generation'")
+            return int(cursor.fetchone()[0])
+
+    def counts(self) -> dict[str, int]:
+        """Names with their example counts, every model together."""
+        with self._read() as cursor:
+            cursor.execute("SELECT name, COUNT(*) FROM taught_examples GROUP BY name ORDER BY name")
+            return {name: int(count) for name, count in cursor.fetchall()}
+
+    def count(self, model_sha256: str | None = None) -> int:
+        with self._read() as cursor:
+            if model_sha256 is None:
+                cursor.execute("SELECT COUNT(*) FROM taught_examples")
+            else:
+                cursor.execute(self._sql("SELECT COUNT(*) FROM taught_examples WHERE model_sha256 = ?"),
+                               (model_sha256,))
+            return int(cursor.fetchone()[0])
+
+    def examples(self) -> list[Example]:
+        """Everything taught, oldest change first (what /state/export writes)."""
+        with self._read() as cursor:
+            cursor.execute(f"SELECT {COLUMNS} FROM taught_examples ORDER BY seq, id")
+            return [_example(row) for row in cursor.fetchall()]
+
+    def changes(self, model_sha256: str, after_seq: int) -> tuple[int, dict[str, int], list[tuple]]:
+        """For a cache of one model's examples, in one snapshot: the generation, every id with
+        its seq (what is still there), and (id, name, seq, embedding) of rows newer than after_seq."""
+        with self._read() as cursor:
+            cursor.execute("SELECT value FROM taught_meta WHERE key = 'generation'")
+            generation = int(cursor.fetchone()[0])
+            cursor.execute(self._sql("SELECT id, seq FROM taught_examples WHERE model_sha256 = ?"), (model_sha256,))
+            present = {row[0]: int(row[1]) for row in cursor.fetchall()}
+            cursor.execute(self._sql("SELECT id, name, seq, embedding FROM taught_examples "
+                                     "WHERE model_sha256 = ? AND seq > ? ORDER BY seq, id"), (model_sha256, after_seq))
+            fresh = [(i, n, int(s), np.frombuffer(bytes(e), "<f4")) for i, n, s, e in cursor.fetchall()]
+        return generation, present, fresh
+
+    def nearest(self, model_sha256: str, vector: np.ndarray, k: int) -> list[tuple[str, str, float]]:
+        raise NotImplementedError("this store has no nearest-neighbour search; matching.py searches a cache")
+
+    # Changes -------------------------------------------------------------------------------
+
+    def add(self, examples: list[Example], limit: int) -> int:
+        """Store new examples (all of one name); returns how many that name now has."""
+        with self._write() as cursor:
+            cursor.execute("SELECT COUNT(*) FROM taught_examples")
+            total = int(cursor.fetchone()[0]) + len(examples)
+            if total > limit:
+                raise TooManyExamples(total, limit)
+            self._insert(cursor, examples, self._bump(cursor))
+            cursor.execute(self._sql("SELECT COUNT(*) FROM taught_examples WHERE name = ?"), (examples[0].name,))
+            return int(cursor.fetchone()[0])
+
+    def forget(self, *, name: str | None = None, id: str | None = None) -> int:  # noqa: A002 - the API's word
+        column, value = ("name", name) if name is not None else ("id", id)
+        with self._write() as cursor:
+            cursor.execute(self._sql(f"DELETE FROM taught_examples WHERE {column} = ?"), (value,))
+            removed = cursor.rowcount
+            if not removed:
+                raise KeyError(column)  # rolled back: the generation stays
+            self._bump(cursor)
+            return removed
+
+    def rename(self, new_name: str, *, name: str | None = None, id: str | None = None) -> int:  # noqa: A002
+        column, value = ("name", name) if name is not None else ("id", id)
+        with self._write() as cursor:
+            seq = self._bump(cursor)
+            cursor.execute(self._sql(f"UPDATE taught_examples SET name = ?, seq = ? WHERE {column} = ?"),
+                           (new_name, seq, value))
+            if not cursor.rowcount:
+                raise KeyError(column)
+            return cursor.rowcount
+
+    def load(self, examples: list[Example], replace: bool, limit: int) -> tuple[int, int]:
+        """Import: replace everything, or merge (keep what is taught, add unknown ids).
+        Returns (examples added, total). One transaction: a refused import changes nothing."""
+        with self._write() as cursor:
+            return self._load(cursor, examples, replace, limit)
+
+    def import_once(self, marker: str, examples: list[Example], limit: int) -> int | None:
+        """Merge examples unless `marker` is recorded (a one-time migration); None if it was.
+        Marker and examples commit together, so a crash in between leaves neither."""
+        with self._write() as cursor:
+            cursor.execute(self._sql("SELECT value FROM taught_meta WHERE key = ?"), (marker,))
+            if cursor.fetchone() is not None:
+                return None
+            cursor.execute(self._sql("INSERT INTO taught_meta (key, value) VALUES (?, ?)"), (marker, int(time.time())))
+            return self._load(cursor, examples, replace=False, limit=limit)[0]
+
+    def _load(self, cursor, examples: list[Example], replace: bool, limit: int) -> tuple[int, int]:
+        if replace:
+            cursor.execute("DELETE FROM taught_examples")
+            new = examples
+        else:
+            known = set()
+            ids = [e.id for e in examples]
+            for start in range(0, len(ids), 500):
+                chunk = ids[start:start + 500]
+                cursor.execute(self._sql(f"SELECT id FROM taught_examples WHERE id IN ({', '.join('?' * len(chunk))})"),
+                               chunk)
+                known.update(row[0] for row in cursor.fetchall())
+            new = [e for e in examples if e.id not in known]
+        cursor.execute("SELECT COUNT(*) FROM taught_examples")
+        total = int(cursor.fetchone()[0]) + len(new)
+        if total > limit:
+            raise TooManyExamples(total, limit)
+        self._insert(cursor, new, self._bump(cursor))
+        return len(new), total
+
+    def _insert(self, cursor, examples: list[Example], seq: int) -> None:
+        cursor.executemany(
+            self._sql(f"INSERT INTO taught_examples ({COLUMNS}, seq) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"),
+            [(e.id, e.name, e.model, e.model_sha256, np.asarray(e.embedding, "<f4").tobytes(), e.source, e.taught, seq)
+             for e in examples])
+        self._insert_extra(cursor, examples)
+
+
+def _example(row) -> Example:
+    id_, name, model, sha, embedding, source, taught = row
+    return Example(id_, name, model, sha, np.frombuffer(bytes(embedding), "<f4"), source, taught)
+
+
+class SQLiteStore(SqlStore):
+    kind = "sqlite"
+
+    def __init__(self, url: str, path: Path):
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        super().__init__(url)
+
+    def _connect(self):
+        import sqlite3
+
+        # Autocommit mode: transactions are begun explicitly (BEGIN IMMEDIATE takes the write
+        # lock up front, so two workers never deadlock upgrading a read lock).
+        connection = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
+        connection.execute("PRAGMA journal_mode=WAL")
+        connection.execute("PRAGMA synchronous=FULL")  # an answered change is on disk
+        connection.execute("PRAGMA busy_timeout=30000")
+        return connection
+
+    def _begin(self, cursor, write: bool) -> None:
+        cursor.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+
+    def _is_database_error(self, exc: Exception) -> bool:
+        import sqlite3
+
+        return isinstance(exc, sqlite3.Error)
+
+    def describe(self) -> dict:
+        return {"backend": "sqlite", "path": str(self.path.resolve()), "search": "numpy (replica-local cache)"}
+
+
+class PostgresStore(SqlStore):
+    kind = "postgresql"
+    blob = "BYTEA"
+
+    def __init__(self, url: str, use_pgvector: str = "auto"):
+        self.use_pgvector = use_pgvector
+        super().__init__(url)
+
+    def _connect(self):
+        import psycopg
+
+        connection = psycopg.connect(self.url, autocommit=True, connect_timeout=10,
+                                     application_name="onnx-model-serving classifier")
+        return connection
+
+    def _begin(self, cursor, write: bool) -> None:
+        # Reads see one snapshot (a cache refresh reads three things that must agree); writes
+        # stay READ COMMITTED, so the generation row's lock queues them instead of failing them.
+        cursor.execute("BEGIN" if write else "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+
+    def _sql(self, statement: str) -> str:
+        return statement.replace("?", "%s")
+
+    def _is_database_error(self, exc: Exception) -> bool:
+        import psycopg
+
+        return isinstance(exc, psycopg.Error)
+
+    def _extend_schema(self, cursor) -> None:
+        # Workers that start together would race on CREATE TABLE; one at a time.
+        cursor.execute("SELECT pg_advisory_xact_lock(7203311)")
+        if self.use_pgvector == "off":
+            return
+        cursor.execute("SELECT 1 FROM pg_available_extensions WHERE name = 'vector'")
+        if cursor.fetchone() is None:
+            if self.use_pgvector == "on":
+                raise StoreError("TEACH_PGVECTOR=on but the pgvector extension is not installed in this PostgreSQL")
+            log.info("classifier: pgvector is not installed; searching a replica-local cache")
+            return
+        cursor.execute("CREATE EXTENSION IF NOT EXISTS vector")
+        cursor.execute("ALTER TABLE taught_examples ADD COLUMN IF NOT EXISTS vec vector")
+        # Rows written before pgvector was there (or with TEACH_PGVECTOR=off) get their vector now.
+        cursor.execute("SELECT id, embedding FROM taught_examples WHERE vec IS NULL")
+        missing = cursor.fetchall()
+        if missing:
+            cursor.executemany("UPDATE taught_examples SET vec = %s::vector WHERE id = %s",
+                               [(_vector_text(np.frombuffer(bytes(e), "<f4")), i) for i, e in missing])
+        self.pgvector = True
+
+    def _insert_extra(self, cursor, examples: list[Example]) -> None:
+        if self.pgvector and examples:
+            cursor.executemany("UPDATE taught_examples SET vec = %s::vector WHERE id = %s",
+                               [(_vector_text(e.embedding), e.id) for e in examples])
+
+    def nearest(self, model_sha256: str, vector: np.ndarray, k: int) -> list[tuple[str, str, float]]:
+        """Exact nearest examples by inner product (cosine: every embedding is unit length)."""
+        if not self.pgvector:
+            return super().nearest(model_sha256, vector, k)
+        with self._read() as cursor:
+            cursor.execute("SELECT id, name, -(vec <#> %(q)s::vector) FROM taught_examples "
+                           "WHERE model_sha256 = %(sha)s AND vector_dims(vec) = %(dim)s "
+                           "ORDER BY vec <#> %(q)s::vector, seq, id LIMIT %(k)s",
+                           {"q": _vector_text(vector), "sha": model_sha256, "dim": len(vector), "k": k})
+            return [(i, n, float(s)) for i, n, s in cursor.fetchall()]
+
+    def describe(self) -> dict:
+        where = urlsplit(self.url)
+        return {"backend": "postgresql", "host": where.hostname or "(unix socket)", "database": where.path.lstrip("/"),
+                "search": "pgvector (in the database)" if self.pgvector else "numpy (replica-local cache)"}
+
+
+def _vector_text(vector: np.ndarray) -> str:
+    return "[" + ",".join(repr(float(x)) for x in np.asarray(vector, np.float32)) + "]"
+
+
+def open_store(url: str, use_pgvector: str = "auto") -> SqlStore:
+    """TEACH_STORE: sqlite:///relative/path.db, sqlite:////absolute/path.db, or postgresql://..."""
+    scheme = url.split(":", 1)[0].lower()
+    if scheme == "sqlite":
+        if not url.startswith("sqlite:///") or len(url) <= len("sqlite:///"):
+            raise ValueError(f"TEACH_STORE={url!r}: write sqlite:///relative/file.db or sqlite:////absolute/file.db")
+        return SQLiteStore(url, Path(url[len("sqlite:///"):]))
+    if scheme in ("postgresql", "postgres"):
+        return PostgresStore(url, use_pgvector)
+    raise ValueError(f"TEACH_STORE={url!r}: the scheme must be sqlite or postgresql")
