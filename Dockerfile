@@ -18,7 +18,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 \
     PATH=/opt/venv/bin:$PATH \
     HOME=/tmp BENTOML_HOME=/tmp/bentoml BENTOML_DO_NOT_TRACK=True \
     MODELS_DIR=/app/models SERVICE=policy HOST=0.0.0.0 PORT=3000 \
-    TEACH_STATE_PATH=/data/taught.json
+    TEACH_STORE=sqlite:////data/taught.db TEACH_STATE_PATH=/data/taught.json
 
 COPY pyproject.toml deploy/requirements.py /tmp/build/
 COPY deploy/wheelhouse/ /tmp/wheelhouse/

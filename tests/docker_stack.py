@@ -107,5 +107,17 @@ def build_wheelhouse(onnxruntime: str = "onnxruntime==1.31.1") -> None:
                              "-d", str(WHEELHOUSE), "-r", str(requirements_file)],
                             capture_output=True, text=True, timeout=900)
     requirements_file.unlink()
+    if result.returncode == 0:  # the PostgreSQL image (deploy/postgres) takes pgserver's binaries only
+        result = subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--disable-pip-version-check",
+                                 "--no-deps", "-d", str(WHEELHOUSE), pgserver_requirement()],
+                                capture_output=True, text=True, timeout=900)
     if result.returncode != 0:
         raise AssertionError(f"pip download failed:\n{result.stderr[-3000:]}")
+
+
+def pgserver_requirement() -> str:
+    """The pgserver pin of pyproject.toml's dev extra (the tests' PostgreSQL), for the image too."""
+    import tomllib
+
+    dev = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["dev"]
+    return next(d for d in dev if d.startswith("pgserver"))

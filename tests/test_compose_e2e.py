@@ -27,17 +27,21 @@ NAMES = [s.name for s in SERVICES if s.module_file.exists() and (ROOT / "models"
 
 
 class Stack:
-    def __init__(self, engine: Engine, ports: dict[str, int]):
-        self.engine, self.ports = engine, ports
+    def __init__(self, engine: Engine, ports: dict[str, int], project: str = PROJECT, files: tuple[str, ...] = (),
+                 env: dict | None = None):
+        self.engine, self.ports, self.project = engine, ports, project
+        self.files = [arg for f in files for arg in ("-f", f)]
         self.env = {"BASE_IMAGE": "local/python:3.11", "PIP_INDEX_OPTIONS": "--no-index",
                     "IMAGE": "onnx-model-serving:e2e",
-                    **{f"{name.upper()}_PORT": str(port) for name, port in ports.items()}}
+                    **{f"{name.upper().replace('-', '_')}_PORT": str(port) for name, port in ports.items()},
+                    **(env or {})}
 
     def url(self, name: str) -> str:
         return f"http://127.0.0.1:{self.ports[name]}"
 
     def compose(self, *args: str, check: bool = True, timeout: float = 900) -> subprocess.CompletedProcess:
-        return self.engine.run("docker-compose", "-p", PROJECT, *args, env=self.env, check=check, timeout=timeout)
+        return self.engine.run("docker-compose", "-p", self.project, *self.files, *args, env=self.env, check=check,
+                               timeout=timeout)
 
     def container(self, name: str) -> str:
         return self.compose("ps", "-q", name).stdout.strip()
@@ -164,6 +168,38 @@ def test_classifier_endpoints_and_taught_state_survives_a_restart(stack):
     exported = requests.post(f"{url}/state/export", json={})
     assert exported.status_code == 200 and "shirt-1" in json.dumps(exported.json())
     assert requests.post(f"{url}/forget", json={"name": "shirt-1"}).json()["forgotten"] == 1
+
+
+@needs("classifier")
+def test_postgres_variant_two_classifier_replicas_share_what_is_taught(stack):
+    """docker-compose.postgres.yml: PostgreSQL with pgvector in its own container, two classifier
+    replicas on it; teach through one, check through the other; both survive a database restart."""
+    pg = Stack(stack.engine, {"classifier": free_port(), "classifier-2": free_port()}, project=f"{PROJECT}-pg",
+               files=("docker-compose.yml", "docker-compose.postgres.yml"), env={"POSTGRES_PASSWORD": "e2e-secret"})
+    names = ["postgres", "classifier", "classifier-2"]
+    try:
+        pg.compose("build", "postgres")
+        pg.compose("up", "-d", *names)
+        pg.wait_healthy(names)
+        one, two = pg.url("classifier"), pg.url("classifier-2")
+        store = requests.get(f"{two}/info").json()["teach"]["store"]
+        assert (store["backend"], store["host"], store["search"]) == ("postgresql", "postgres", "pgvector (in the database)")
+        shirt = [("images", ("s.png", fashion_png(1), "image/png"))]
+        taught = requests.post(f"{one}/teach", files=shirt, data={"name": "shared-shirt"})
+        assert taught.status_code == 200, taught.text
+        seen = requests.post(f"{two}/check", files=shirt).json()["results"][0]  # the other replica, next request
+        assert (seen["name"], seen["id"], seen["matched"]) == ("shared-shirt", taught.json()["ids"][0], True)
+
+        pg.compose("restart", "postgres")  # the replicas reconnect by themselves
+        pg.wait_healthy(["postgres"])
+        deadline = time.monotonic() + 60
+        while (r := requests.post(f"{two}/taught", json={})).status_code != 200 and time.monotonic() < deadline:
+            time.sleep(1)
+        assert {"name": "shared-shirt", "examples": 1} in r.json()["names"], r.text
+        assert requests.post(f"{two}/forget", json={"name": "shared-shirt"}).json() == {"forgotten": 1}
+        assert requests.post(f"{one}/check", files=shirt).json()["results"][0]["name"] is None
+    finally:
+        pg.compose("down", "-v", "--remove-orphans", check=False)
 
 
 def test_short_locust_run_against_the_containers(stack, tmp_path):

@@ -338,9 +338,11 @@ class PostgresStore(SqlStore):
     def _connect(self):
         import psycopg
 
-        connection = psycopg.connect(self.url, autocommit=True, connect_timeout=10,
-                                     application_name="onnx-model-serving classifier")
-        return connection
+        # Bounded waits: a connect gives up after 10 s, a statement after 30 s, and TCP
+        # keepalives notice a dead server or network in about 25 s (a request then gets 503).
+        return psycopg.connect(self.url, autocommit=True, connect_timeout=10, keepalives=1, keepalives_idle=10,
+                               keepalives_interval=5, keepalives_count=3, options="-c statement_timeout=30000",
+                               application_name="onnx-model-serving classifier")
 
     def _begin(self, cursor, write: bool) -> None:
         # Reads see one snapshot (a cache refresh reads three things that must agree); writes
