@@ -8,6 +8,7 @@
 
     python -m loadtests.benchmark                          # every service with a workload and models
     python -m loadtests.benchmark --services policy --duration 5
+    python -m loadtests.benchmark --services classifier --compare-workers 1 2 --server-cores all
 
 Cores: the server (a real `bentoml serve`, one onnxruntime thread) is pinned to the first
 half of the cores, the load generator (this process, asyncio + aiohttp) to the other half,
@@ -106,12 +107,13 @@ async def drive(url: str, workload: Workload, concurrency: int, seconds: float, 
         run.seconds = time.perf_counter() - started
 
 
-def served(workload: Workload, server_cores: set[int], batching: bool, seconds: float, logs: Path) -> list[ServedRun]:
+def served(workload: Workload, server_cores: set[int], batching: bool, seconds: float, logs: Path,
+           workers: int = 1) -> list[ServedRun]:
     spec = next(s for s in launch.SERVICES if s.name == workload.name)
     port = _free_port()
     env = {"MODELS_DIR": str(ROOT / "models"), "INFER_THREADS": "1", "ADAPTIVE_BATCHING": "on" if batching else "off",
-           **workload.server_env}
-    log = open(logs / f"server-{workload.name}-{'on' if batching else 'off'}.log", "w")
+           "WORKERS": str(workers), **workload.server_env}
+    log = open(logs / f"server-{workload.name}-{'on' if batching else 'off'}-w{workers}.log", "w")
     process = subprocess.Popen(["taskset", "-c", ",".join(map(str, sorted(server_cores))),
                                 *launch.serve_command(spec, "127.0.0.1", port)],
                                cwd=ROOT, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT,
@@ -124,7 +126,7 @@ def served(workload: Workload, server_cores: set[int], batching: bool, seconds: 
         for concurrency in CONCURRENCY:
             run = ServedRun(concurrency, batching)
             asyncio.run(drive(url, workload, concurrency, seconds, run))
-            print(f"  {workload.name:<10} batching {'on ' if batching else 'off'} {concurrency:>3} clients: "
+            print(f"  {workload.name:<10} batching {'on ' if batching else 'off'} workers {workers} {concurrency:>3} clients: "
                   f"{run.items_per_s:8.1f} {workload.unit}/s  {run.requests_per_s:8.1f} req/s  "
                   f"p50 {run.percentile(50):7.1f} ms  p95 {run.percentile(95):7.1f} ms  "
                   f"p99 {run.percentile(99):7.1f} ms  failures {run.failures}", flush=True)
@@ -273,19 +275,45 @@ def target_lines(name: str, workload: Workload, raw: dict, on: dict, off: dict) 
             ""]
 
 
+def compare_workers(names: list[str], counts: list[int], server_cores: set[int], seconds: float, logs: Path,
+                    command: str) -> str:
+    """Requests/s of each service with WORKERS=N for each N, in one run, as a Markdown table."""
+    lines = [f"`{command}` on {machine()}, server on cores {sorted(server_cores)}:", "",
+             "| service | clients | " + " | ".join(f"WORKERS={n} req/s" for n in counts) +
+             f" | ratio {counts[-1]}/{counts[0]} |", "|---|---:|" + "---:|" * (len(counts) + 1)]
+    for name in names:
+        by_count = {n: served(WORKLOADS[name], server_cores, True, seconds, logs, workers=n) for n in counts}
+        for i, concurrency in enumerate(CONCURRENCY):
+            rates = [by_count[n][i].requests_per_s for n in counts]
+            lines.append(f"| {name} | {concurrency} | " + " | ".join(f"{r:,.1f}" for r in rates) +
+                         f" | {rates[-1] / rates[0]:.2f}x |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m loadtests.benchmark", description=__doc__.split("\n")[0])
     p.add_argument("--services", nargs="*", default=None, help=f"default: all of {sorted(WORKLOADS)} with models")
     p.add_argument("--duration", type=float, default=8, help="seconds per served measurement")
     p.add_argument("--raw-seconds", type=float, default=2, help="seconds per raw batch size")
     p.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md")
+    p.add_argument("--compare-workers", nargs="+", type=int, metavar="N",
+                   help="instead of the full run: served throughput (batching on) with WORKERS=N for each N, "
+                        "side by side; prints a Markdown table")
+    p.add_argument("--server-cores", choices=["half", "all"], default="half",
+                   help="half: server and load generator on separate cores (default); all: the server may use "
+                        "every core (the load generator shares them), for --compare-workers")
     args = p.parse_args(argv)
     command = "python -m loadtests.benchmark " + shlex.join(sys.argv[1:] if argv is None else argv)
     names = args.services or [n for n in WORKLOADS if (ROOT / "models" / n).is_dir()]
     server_cores, client_cores = cpu_split()
+    if args.server_cores == "all":
+        server_cores = client_cores = set(os.sched_getaffinity(0))
     os.sched_setaffinity(0, client_cores)
     plots = args.out.parent / "benchmarks"  # beside the report, which links them relatively
     plots.mkdir(exist_ok=True)
+    if args.compare_workers:
+        print(compare_workers(names, args.compare_workers, server_cores, args.duration, plots, command))
+        return 0
     results = {}
     for name in names:
         workload = WORKLOADS[name]
