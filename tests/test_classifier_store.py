@@ -178,3 +178,33 @@ def test_imported_names_are_normalised_and_ids_unique():
              "embedding": base64.b64encode(np.ones(DIM, np.float32).tobytes()).decode()}
     with pytest.raises(ApiError, match="appears twice"):
         state.parse({"format": 1, "examples": [entry, entry]}, {}, lambda n, f: check_name(n, 64, f))
+
+
+def test_the_cache_follows_any_sequence_of_changes_made_elsewhere(store_url):
+    """Random teach / forget / rename / import through one store; after each, another store's
+    matcher (another replica) answers exactly what a search over everything stored answers."""
+    url, pgvector = store_url
+    writer, matcher = open_store(url, pgvector), Matcher(open_store(url, pgvector))
+    rng = np.random.default_rng(7)
+    queries = rng_vectors(3, seed=8)
+    for step in range(60):
+        stored = writer.examples()
+        action = rng.choice(["teach", "teach", "teach", "forget", "rename", "import"] if stored else ["teach"])
+        if action == "teach":
+            name = f"n{rng.integers(5)}"
+            writer.add([make(name, v) for v in rng_vectors(int(rng.integers(1, 4)), seed=100 + step)], limit=10_000)
+        elif action == "forget":
+            victim = stored[int(rng.integers(len(stored)))]
+            writer.forget(id=victim.id) if rng.random() < 0.5 else writer.forget(name=victim.name)
+        elif action == "rename":
+            writer.rename(f"r{step}", id=stored[int(rng.integers(len(stored)))].id)
+        else:
+            writer.load([make("imported", v) for v in rng_vectors(2, seed=200 + step)], replace=False, limit=10_000)
+        everything = [e for e in writer.examples() if e.model_sha256 == SHA]
+        answers, total = matcher.nearest(SHA, queries, 3)
+        assert total == len(everything), (step, action)
+        matrix = np.stack([e.embedding for e in everything])
+        for query, answer in zip(queries, answers):
+            best = np.argsort(-(matrix @ query), kind="stable")[:3]
+            assert [(m.id, m.name) for m in answer] == [(everything[j].id, everything[j].name) for j in best], \
+                (step, action)

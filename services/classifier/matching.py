@@ -29,16 +29,19 @@ class Match:
 
 @dataclass(frozen=True)
 class Cache:
-    """One model's taught examples at one generation; never changed, only replaced."""
+    """One model's taught examples at one generation; never changed, only replaced. Its rows
+    are the first `len(ids)` rows of `buffer`, which has room to grow: a newer cache may append
+    rows past them in place (no copy of the whole matrix per teach), which this one never reads."""
     generation: int = -1
     ids: tuple[str, ...] = ()
     names: tuple[str, ...] = ()
     seqs: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
-    matrix: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.float32))
+    buffer: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.float32))
+    max_seq: int = -1
 
     @property
-    def max_seq(self) -> int:
-        return int(self.seqs.max()) if len(self.seqs) else -1
+    def matrix(self) -> np.ndarray:
+        return self.buffer[:len(self.ids)]
 
 
 class Matcher:
@@ -55,8 +58,8 @@ class Matcher:
         """The k nearest taught examples of this model for each query row, and how many there are.
         Blocking (database and numpy): call it from a worker thread."""
         if self.in_database:
-            answers = [[Match(*row) for row in self.store.nearest(model_sha256, q, k)] for q in queries]
-            return answers, self.store.count(model_sha256)
+            answers, total = self.store.nearest(model_sha256, queries, k)
+            return [[Match(*row) for row in rows] for rows in answers], total
         cache = self.cache(model_sha256, queries.shape[1])
         if not cache.ids:
             return [[] for _ in queries], 0
@@ -77,16 +80,24 @@ class Matcher:
             return cache
         with self._refreshing:  # one refresh at a time; a waiter finds it done
             cache = self._caches.get(model_sha256, Cache())
-            generation, present, fresh = self.store.changes(model_sha256, cache.max_seq)
+            generation, present, fresh = self.store.changes(model_sha256, cache.max_seq, len(cache.ids))
             if generation == cache.generation:
                 return cache
-            keep = [j for j, (i, s) in enumerate(zip(cache.ids, cache.seqs)) if present.get(i) == s]
             fresh = [row for row in fresh if row[3].shape == (dim,)]  # another dimension: not this model's
-            ids = tuple(cache.ids[j] for j in keep) + tuple(r[0] for r in fresh)
-            names = tuple(cache.names[j] for j in keep) + tuple(r[1] for r in fresh)
-            seqs = np.concatenate([cache.seqs[keep], np.array([r[2] for r in fresh], np.int64)])
-            parts = ([cache.matrix[keep]] if keep else []) + ([np.stack([r[3] for r in fresh])] if fresh else [])
-            matrix = np.concatenate(parts).astype(np.float32, copy=False) if parts else np.zeros((0, dim), np.float32)
-            cache = Cache(generation, ids, names, seqs, matrix)
+            if present is None:  # nothing cached was forgotten or renamed: keep every row, append
+                keep = list(range(len(cache.ids)))
+            else:
+                keep = [j for j, (i, s) in enumerate(zip(cache.ids, cache.seqs)) if present.get(i) == s]
+            size = len(keep) + len(fresh)
+            buffer = cache.buffer
+            if present is not None or buffer.shape[1:] != (dim,) or len(buffer) < size:
+                buffer = np.empty((max(64, size, 2 * len(keep)), dim), np.float32)  # room: amortised O(1) a row
+                buffer[:len(keep)] = cache.buffer[keep] if keep else 0
+            if fresh:
+                buffer[len(keep):size] = np.stack([r[3] for r in fresh])
+            cache = Cache(generation, tuple(cache.ids[j] for j in keep) + tuple(r[0] for r in fresh),
+                          tuple(cache.names[j] for j in keep) + tuple(r[1] for r in fresh),
+                          np.concatenate([cache.seqs[keep], np.array([r[2] for r in fresh], np.int64)]), buffer,
+                          max(cache.max_seq, max((r[2] for r in fresh), default=-1)))
             self._caches[model_sha256] = cache
             return cache

@@ -68,6 +68,10 @@ SCHEMA = [
     "CREATE INDEX IF NOT EXISTS taught_examples_name ON taught_examples (name)",
     "CREATE TABLE IF NOT EXISTS taught_meta (key TEXT PRIMARY KEY, value BIGINT NOT NULL)",
     "INSERT INTO taught_meta (key, value) VALUES ('generation', 0) ON CONFLICT (key) DO NOTHING",
+    # How many examples there are, kept in step by every change: the limit check of a teach
+    # reads one row instead of counting the table.
+    "INSERT INTO taught_meta (key, value) SELECT 'examples', COUNT(*) FROM taught_examples WHERE true "
+    "ON CONFLICT (key) DO NOTHING",
 ]
 COLUMNS = "id, name, model, model_sha256, embedding, source, taught"
 
@@ -101,9 +105,6 @@ class SqlStore:
         return statement
 
     def _extend_schema(self, cursor) -> None:
-        pass
-
-    def _insert_extra(self, cursor, examples: list[Example]) -> None:
         pass
 
     def describe(self) -> dict:
@@ -170,6 +171,15 @@ class SqlStore:
         cursor.execute("UPDATE taught_meta SET value = value + 1 WHERE key = 'generation' RETURNING value")
         return int(cursor.fetchone()[0])
 
+    def _count_change(self, cursor, change: int, limit: int | None = None) -> int:
+        """Add `change` to the examples count; TooManyExamples (the transaction rolls back) past limit."""
+        cursor.execute(self._sql("UPDATE taught_meta SET value = value + ? WHERE key = 'examples' RETURNING value"),
+                       (change,))
+        total = int(cursor.fetchone()[0])
+        if limit is not None and total > limit:
+            raise TooManyExamples(total, limit)
+        return total
+
     # Reads ---------------------------------------------------------------------------------
 
     def generation(self) -> int:
@@ -186,7 +196,7 @@ class SqlStore:
     def count(self, model_sha256: str | None = None) -> int:
         with self._read() as cursor:
             if model_sha256 is None:
-                cursor.execute("SELECT COUNT(*) FROM taught_examples")
+                cursor.execute("SELECT value FROM taught_meta WHERE key = 'examples'")
             else:
                 cursor.execute(self._sql("SELECT COUNT(*) FROM taught_examples WHERE model_sha256 = ?"),
                                (model_sha256,))
@@ -198,20 +208,27 @@ class SqlStore:
             cursor.execute(f"SELECT {COLUMNS} FROM taught_examples ORDER BY seq, id")
             return [_example(row) for row in cursor.fetchall()]
 
-    def changes(self, model_sha256: str, after_seq: int) -> tuple[int, dict[str, int], list[tuple]]:
-        """For a cache of one model's examples, in one snapshot: the generation, every id with
-        its seq (what is still there), and (id, name, seq, embedding) of rows newer than after_seq."""
+    def changes(self, model_sha256: str, after_seq: int, cached: int) -> tuple[int, dict[str, int] | None, list[tuple]]:
+        """For a cache of `cached` rows of one model, complete up to seq `after_seq`, in one
+        snapshot: the generation; None if all those rows are still there unchanged (then the
+        cache only appends), else every id with its seq; and (id, name, seq, embedding) of the
+        rows newer than after_seq. A forget removes rows and a rename gives them a new seq, so
+        either makes the count of rows at or below after_seq differ from `cached`."""
         with self._read() as cursor:
             cursor.execute("SELECT value FROM taught_meta WHERE key = 'generation'")
             generation = int(cursor.fetchone()[0])
-            cursor.execute(self._sql("SELECT id, seq FROM taught_examples WHERE model_sha256 = ?"), (model_sha256,))
-            present = {row[0]: int(row[1]) for row in cursor.fetchall()}
+            cursor.execute(self._sql("SELECT COUNT(*) FROM taught_examples WHERE model_sha256 = ? AND seq <= ?"),
+                           (model_sha256, after_seq))
+            present = None
+            if int(cursor.fetchone()[0]) != cached:
+                cursor.execute(self._sql("SELECT id, seq FROM taught_examples WHERE model_sha256 = ?"), (model_sha256,))
+                present = {row[0]: int(row[1]) for row in cursor.fetchall()}
             cursor.execute(self._sql("SELECT id, name, seq, embedding FROM taught_examples "
                                      "WHERE model_sha256 = ? AND seq > ? ORDER BY seq, id"), (model_sha256, after_seq))
             fresh = [(i, n, int(s), np.frombuffer(bytes(e), "<f4")) for i, n, s, e in cursor.fetchall()]
         return generation, present, fresh
 
-    def nearest(self, model_sha256: str, vector: np.ndarray, k: int) -> list[tuple[str, str, float]]:
+    def nearest(self, model_sha256: str, queries: np.ndarray, k: int) -> tuple[list[list[tuple]], int]:
         raise NotImplementedError("this store has no nearest-neighbour search; matching.py searches a cache")
 
     # Changes -------------------------------------------------------------------------------
@@ -219,10 +236,7 @@ class SqlStore:
     def add(self, examples: list[Example], limit: int) -> int:
         """Store new examples (all of one name); returns how many that name now has."""
         with self._write() as cursor:
-            cursor.execute("SELECT COUNT(*) FROM taught_examples")
-            total = int(cursor.fetchone()[0]) + len(examples)
-            if total > limit:
-                raise TooManyExamples(total, limit)
+            self._count_change(cursor, len(examples), limit)
             self._insert(cursor, examples, self._bump(cursor))
             cursor.execute(self._sql("SELECT COUNT(*) FROM taught_examples WHERE name = ?"), (examples[0].name,))
             return int(cursor.fetchone()[0])
@@ -234,6 +248,7 @@ class SqlStore:
             removed = cursor.rowcount
             if not removed:
                 raise KeyError(column)  # rolled back: the generation stays
+            self._count_change(cursor, -removed)
             self._bump(cursor)
             return removed
 
@@ -266,6 +281,7 @@ class SqlStore:
     def _load(self, cursor, examples: list[Example], replace: bool, limit: int) -> tuple[int, int]:
         if replace:
             cursor.execute("DELETE FROM taught_examples")
+            cursor.execute("UPDATE taught_meta SET value = 0 WHERE key = 'examples'")
             new = examples
         else:
             known = set()
@@ -276,10 +292,7 @@ class SqlStore:
                                chunk)
                 known.update(row[0] for row in cursor.fetchall())
             new = [e for e in examples if e.id not in known]
-        cursor.execute("SELECT COUNT(*) FROM taught_examples")
-        total = int(cursor.fetchone()[0]) + len(new)
-        if total > limit:
-            raise TooManyExamples(total, limit)
+        total = self._count_change(cursor, len(new), limit)
         self._insert(cursor, new, self._bump(cursor))
         return len(new), total
 
@@ -288,7 +301,6 @@ class SqlStore:
             self._sql(f"INSERT INTO taught_examples ({COLUMNS}, seq) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"),
             [(e.id, e.name, e.model, e.model_sha256, np.asarray(e.embedding, "<f4").tobytes(), e.source, e.taught, seq)
              for e in examples])
-        self._insert_extra(cursor, examples)
 
 
 def _example(row) -> Example:
@@ -378,21 +390,29 @@ class PostgresStore(SqlStore):
                                [(_vector_text(np.frombuffer(bytes(e), "<f4")), i) for i, e in missing])
         self.pgvector = True
 
-    def _insert_extra(self, cursor, examples: list[Example]) -> None:
-        if self.pgvector and examples:
-            cursor.executemany("UPDATE taught_examples SET vec = %s::vector WHERE id = %s",
-                               [(_vector_text(e.embedding), e.id) for e in examples])
-
-    def nearest(self, model_sha256: str, vector: np.ndarray, k: int) -> list[tuple[str, str, float]]:
-        """Exact nearest examples by inner product (cosine: every embedding is unit length)."""
+    def _insert(self, cursor, examples: list[Example], seq: int) -> None:
         if not self.pgvector:
-            return super().nearest(model_sha256, vector, k)
+            return super()._insert(cursor, examples, seq)
+        cursor.executemany(
+            f"INSERT INTO taught_examples ({COLUMNS}, seq, vec) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s::vector)",
+            [(e.id, e.name, e.model, e.model_sha256, np.asarray(e.embedding, "<f4").tobytes(), e.source, e.taught, seq,
+              _vector_text(e.embedding)) for e in examples])
+
+    def nearest(self, model_sha256: str, queries: np.ndarray, k: int) -> tuple[list[list[tuple]], int]:
+        """Exact nearest examples by inner product (cosine: every embedding is unit length) for
+        each query, and how many examples the model has: one snapshot, one transaction."""
+        if not self.pgvector:
+            return super().nearest(model_sha256, queries, k)
+        answers = []
         with self._read() as cursor:
-            cursor.execute("SELECT id, name, -(vec <#> %(q)s::vector) FROM taught_examples "
-                           "WHERE model_sha256 = %(sha)s AND vector_dims(vec) = %(dim)s "
-                           "ORDER BY vec <#> %(q)s::vector, seq, id LIMIT %(k)s",
-                           {"q": _vector_text(vector), "sha": model_sha256, "dim": len(vector), "k": k})
-            return [(i, n, float(s)) for i, n, s in cursor.fetchall()]
+            for vector in queries:
+                cursor.execute("SELECT id, name, -(vec <#> %(q)s::vector) FROM taught_examples "
+                               "WHERE model_sha256 = %(sha)s AND vector_dims(vec) = %(dim)s "
+                               "ORDER BY vec <#> %(q)s::vector, seq, id LIMIT %(k)s",
+                               {"q": _vector_text(vector), "sha": model_sha256, "dim": len(vector), "k": k})
+                answers.append([(i, n, float(s)) for i, n, s in cursor.fetchall()])
+            cursor.execute("SELECT COUNT(*) FROM taught_examples WHERE model_sha256 = %s", (model_sha256,))
+            return answers, int(cursor.fetchone()[0])
 
     def describe(self) -> dict:
         where = urlsplit(self.url)
@@ -401,7 +421,8 @@ class PostgresStore(SqlStore):
 
 
 def _vector_text(vector: np.ndarray) -> str:
-    return "[" + ",".join(repr(float(x)) for x in np.asarray(vector, np.float32)) + "]"
+    """pgvector's text form; repr of each float32 (as a Python float) reads back exactly."""
+    return "[" + ",".join(map(repr, np.asarray(vector, np.float32).tolist())) + "]"
 
 
 def open_store(url: str, use_pgvector: str = "auto") -> SqlStore:
