@@ -81,10 +81,13 @@ def test_concurrent_teach_restart_and_kill_9_of_every_process(store, tmp_path, p
         assert not leftovers, leftovers
 
 
-@pytest.mark.parametrize("search", ["auto", "off"])
-def test_two_servers_on_one_database_see_each_others_changes_at_once(store, search, tmp_path):
-    if search == "off" and store.startswith("sqlite"):
-        pytest.skip("SQLite always searches the replica-local cache")
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql-pgvector", "postgresql-numpy"])
+def test_two_servers_on_one_database_see_each_others_changes_at_once(backend, tmp_path, postgres):
+    if backend == "sqlite":
+        store, search = f"sqlite:///{tmp_path / 'shared.db'}", "auto"
+    else:
+        store = postgres.create_database(f"t{uuid.uuid4().hex[:12]}")
+        search = "auto" if backend.endswith("pgvector") else "off"
     env = env_for(store, TEACH_PGVECTOR=search)
     with ExitStack() as stack:
         a = stack.enter_context(running_service("classifier", tmp_path, env=env))

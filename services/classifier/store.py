@@ -115,8 +115,8 @@ class SqlStore:
     @contextmanager
     def _transaction(self, write: bool):
         """One transaction on this process's connection: committed on success, rolled back on
-        any error. A lost connection is opened again once for reads; a write is never retried
-        blind (the caller gets a StoreError and nothing it sent was kept)."""
+        any error. A connection found dead at BEGIN is opened again once (nothing was sent yet);
+        a failure after BEGIN is never retried: the caller gets a StoreError (HTTP 503)."""
         with self._lock:
             for attempt in (1, 2):
                 connection = self._connection
