@@ -3,26 +3,30 @@
 For each back-end and each number N of taught examples (random unit float32 vectors):
 
   load      seconds to import N examples (store.load, in chunks of --chunk, one transaction each)
-  check     Matcher(store).nearest() of one query, median and p95 over --queries calls after one
-            warm call (the cache is built); the generation read every request does is included
+  first     the first search: builds the replica's cache, or the HNSW index
+  check     Matcher(store).nearest() of one query, median and p95 over --queries calls after the
+            first; the generation read every request does is included
   after     the first check after another store object (another replica) added one example:
             the cache refresh a request pays after a change elsewhere (median of 5)
   teach     store.add() of one example with N already there, one transaction (median of 20)
-  cache MB  the numpy matrix a replica holds (0 where the search runs in PostgreSQL)
+  cache MB  the numpy matrix each worker holds (0 where the search runs in PostgreSQL)
+  recall@1  for HNSW: how often its best match is the exact best (the others are exact)
 
 Back-ends: sqlite (a temporary file, numpy search), postgresql-numpy (TEACH_PGVECTOR=off),
-postgresql-pgvector (exact search in the database, no index). PostgreSQL 16 + pgvector is the
+postgresql-pgvector (exact search in the database), postgresql-hnsw (TEACH_PGVECTOR=hnsw: an
+HNSW index, approximate). PostgreSQL 16 + pgvector is the
 one the tests start (tests/postgres.py, binaries from the pgserver package), on a unix socket.
 
     python -m loadtests.store_benchmark                                   # 1000, 10000, 100000
     python -m loadtests.store_benchmark --sizes 1000 2000 --queries 10    # a quick look
-    python -m loadtests.store_benchmark --backends sqlite --out STORE_BENCHMARKS.md
+    python -m loadtests.store_benchmark --backends sqlite --out benchmarks/store.md
 """
 
 from __future__ import annotations
 
 import argparse
 import shlex
+import signal
 import sys
 import tempfile
 import time
@@ -38,7 +42,8 @@ from services.classifier.state import now, unit
 from services.classifier.store import Example, open_store
 
 ROOT = Path(__file__).resolve().parent.parent
-BACKENDS = ["sqlite", "postgresql-numpy", "postgresql-pgvector"]
+SEARCH = {"sqlite": "auto", "postgresql-numpy": "off", "postgresql-pgvector": "auto", "postgresql-hnsw": "hnsw"}
+BACKENDS = list(SEARCH)
 SHA = "b" * 64  # one model: every example and query is compared with every other
 AFTER_REPEATS, TEACH_REPEATS = 5, 20
 
@@ -48,11 +53,13 @@ class Row:
     backend: str
     n: int
     load_s: float
+    first_s: float
     check_p50_ms: float
     check_p95_ms: float
     after_change_ms: float
     teach_ms: float
     cache_mb: float
+    recall: float
 
 
 def examples(rng: np.random.Generator, start: int, count: int, dim: int) -> list[Example]:
@@ -78,8 +85,7 @@ def ms(seconds: list[float], q: float) -> float:
 
 
 def measure(backend: str, url: str, n: int, args) -> Row:
-    pgvector = "on" if backend == "postgresql-pgvector" else "off"
-    store, other = open_store(url, pgvector), open_store(url, pgvector)  # `other`: another replica
+    store, other = open_store(url, SEARCH[backend]), open_store(url, SEARCH[backend])  # `other`: another replica
     rng = np.random.default_rng(n)
     try:
         # 1. load N examples, chunk by chunk (first chunk replaces, so the database starts empty)
@@ -92,11 +98,16 @@ def measure(backend: str, url: str, n: int, args) -> Row:
                 load_s += time.perf_counter() - started
                 bar.update(len(chunk))
 
-        # 2. check: one warm call (builds the cache), then single queries
+        # 2. check: the first search (builds the cache, or the HNSW index), then single queries
         matcher = Matcher(store)
-        matcher.nearest(SHA, query(rng, args.dim), 1)
+        first_s = timed(lambda: matcher.nearest(SHA, query(rng, args.dim), 1))
         queries = [query(rng, args.dim) for _ in range(args.queries)]
         times = [timed(lambda q=q: matcher.nearest(SHA, q, 1)) for q in queries]
+        recall = float("nan")
+        if backend == "postgresql-hnsw":  # approximate: how often its best is the exact best
+            exact = Matcher(open_store(url, "off"))
+            recall = float(np.mean([matcher.nearest(SHA, q, 1)[0][0][0].id == exact.nearest(SHA, q, 1)[0][0][0].id
+                                    for q in queries]))
 
         # 3. the first check after another replica's change (the cache refresh it triggers)
         after = []
@@ -110,19 +121,21 @@ def measure(backend: str, url: str, n: int, args) -> Row:
         teach = [timed(lambda one=one: store.add(one, limit=n + 100)) for one in ones]
 
         cache_mb = 0.0 if matcher.in_database else matcher.cache(SHA, args.dim).matrix.nbytes / 1e6
-        return Row(backend, n, load_s, ms(times, 50), ms(times, 95), ms(after, 50), ms(teach, 50), cache_mb)
+        return Row(backend, n, load_s, first_s, ms(times, 50), ms(times, 95), ms(after, 50), ms(teach, 50), cache_mb,
+                   recall)
     finally:
         store.close()
         other.close()
 
 
 def table(rows: list[Row]) -> str:
-    lines = ["| backend | N | load s | check p50 ms | check p95 ms | first check after another replica's change ms "
-             "| teach ms | cache MB |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| backend | N | load s | first search s | check p50 ms | check p95 ms | first check after another "
+             "replica's change ms | teach ms | cache MB per worker | recall@1 |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r.backend} | {r.n:,} | {r.load_s:.2f} | {r.check_p50_ms:.2f} | {r.check_p95_ms:.2f} | "
-                     f"{r.after_change_ms:.2f} | {r.teach_ms:.2f} | {r.cache_mb:.1f} |")
+        recall = "exact" if np.isnan(r.recall) else f"{r.recall:.2f}"
+        lines.append(f"| {r.backend} | {r.n:,} | {r.load_s:.2f} | {r.first_s:.2f} | {r.check_p50_ms:.2f} | "
+                     f"{r.check_p95_ms:.2f} | {r.after_change_ms:.2f} | {r.teach_ms:.2f} | {r.cache_mb:.1f} | {recall} |")
     return "\n".join(lines)
 
 
@@ -146,6 +159,7 @@ def main(argv=None) -> int:
 
     rows: list[Row] = []
     postgres = None
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # still stop PostgreSQL (the finally below)
     with tempfile.TemporaryDirectory(prefix="store-bench-") as folder:
         try:
             if any(b.startswith("postgresql") for b in args.backends):

@@ -21,12 +21,14 @@ OTHER_SHA = "b" * 64
 DIM = 16
 
 
-@pytest.fixture(params=["sqlite", "postgresql", "postgresql-no-pgvector"])
+POSTGRES_SEARCH = {"postgresql": "auto", "postgresql-hnsw": "hnsw", "postgresql-no-pgvector": "off"}
+
+
+@pytest.fixture(params=["sqlite", *POSTGRES_SEARCH])
 def store_url(request, tmp_path, postgres):
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'taught.db'}", "auto"
-    name = f"t{uuid.uuid4().hex[:12]}"
-    return postgres.create_database(name), "off" if request.param.endswith("no-pgvector") else "auto"
+    return postgres.create_database(f"t{uuid.uuid4().hex[:12]}"), POSTGRES_SEARCH[request.param]
 
 
 def make(name: str, vector, sha: str = SHA) -> Example:
@@ -41,7 +43,7 @@ def rng_vectors(n: int, seed: int = 0, dim: int = DIM) -> np.ndarray:
 def test_changes_are_transactions_and_bump_the_generation(store_url):
     url, pgvector = store_url
     store = open_store(url, pgvector)
-    assert store.pgvector == (url.startswith("postgresql") and pgvector == "auto")
+    assert store.pgvector == (url.startswith("postgresql") and pgvector != "off")
     g0 = store.generation()
     vectors = rng_vectors(5)
     assert store.add([make("ann", vectors[0]), make("ann", vectors[1])], limit=4) == 2
@@ -82,15 +84,22 @@ def test_a_second_store_on_the_same_database_sees_every_change_at_once(store_url
 
 
 def test_numpy_cache_and_pgvector_give_the_same_answers(postgres):
-    url = postgres.create_database(f"t{uuid.uuid4().hex[:12]}")
-    with_vector, cached = Matcher(open_store(url, "auto")), Matcher(open_store(url, "off"))
-    assert with_vector.in_database and not cached.in_database
-    vectors = rng_vectors(300, seed=2)
-    open_store(url, "auto").add([make(f"n{i % 7}", v) for i, v in enumerate(vectors)], limit=1000)
-    queries = rng_vectors(20, seed=3)
+    database = f"t{uuid.uuid4().hex[:12]}"
+    url = postgres.create_database(database)
+    with_vector, cached, hnsw = (Matcher(open_store(url, mode)) for mode in ("auto", "off", "hnsw"))
+    assert with_vector.in_database and hnsw.in_database and not cached.in_database
+    vectors = rng_vectors(2000, seed=2, dim=64)
+    open_store(url, "auto").add([make(f"n{i % 7}", v) for i, v in enumerate(vectors)], limit=10_000)
+    queries = rng_vectors(50, seed=3, dim=64)
     a, total_a = with_vector.nearest(SHA, queries, 5)
     b, total_b = cached.nearest(SHA, queries, 5)
-    assert total_a == total_b == 300
+    c, total_c = hnsw.nearest(SHA, queries, 5)
+    assert total_a == total_b == total_c == 2000
+    recall = np.mean([len({m.id for m in x} & {m.id for m in y}) / 5 for x, y in zip(b, c)])
+    assert recall >= 0.95, f"HNSW recall@5 {recall:.3f}"  # approximate, but close
+    index = postgres.psql(database, "SELECT indexname FROM pg_indexes WHERE indexname "
+                          f"LIKE 'taught_hnsw_{SHA[:16]}%'")
+    assert index.strip(), "the HNSW index was not made"
     assert [[m.id for m in row] for row in a] == [[m.id for m in row] for row in b]
     np.testing.assert_allclose([[m.similarity for m in row] for row in a], [[m.similarity for m in row] for row in b],
                                atol=1e-5)

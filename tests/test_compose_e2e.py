@@ -183,7 +183,8 @@ def test_postgres_variant_two_classifier_replicas_share_what_is_taught(stack):
         pg.wait_healthy(names)
         one, two = pg.url("classifier"), pg.url("classifier-2")
         store = requests.get(f"{two}/info").json()["teach"]["store"]
-        assert (store["backend"], store["host"], store["search"]) == ("postgresql", "postgres", "pgvector (in the database)")
+        assert (store["backend"], store["host"], store["search"]) == ("postgresql", "postgres",
+                                                                      "pgvector exact (in the database)")
         shirt = [("images", ("s.png", fashion_png(1), "image/png"))]
         taught = requests.post(f"{one}/teach", files=shirt, data={"name": "shared-shirt"})
         assert taught.status_code == 200, taught.text

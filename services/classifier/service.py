@@ -64,8 +64,8 @@ class Classifier:
         self.limits = Limits(self.runtime.settings.max_batch_size)
         self.store_url = os.environ.get("TEACH_STORE", "").strip() or DEFAULT_STORE
         self.pgvector = os.environ.get("TEACH_PGVECTOR", "auto").strip().lower() or "auto"
-        if self.pgvector not in ("auto", "on", "off"):
-            raise ValueError(f"TEACH_PGVECTOR={self.pgvector!r} must be auto, on or off")
+        if self.pgvector not in ("auto", "on", "hnsw", "off"):
+            raise ValueError(f"TEACH_PGVECTOR={self.pgvector!r} must be auto, on, hnsw or off")
         self.legacy_state = Path(os.environ.get("TEACH_STATE_PATH", "").strip() or LEGACY_STATE)
         self.threshold_override = _float("TEACH_MATCH_THRESHOLD", float("nan"))
         self.teach_model_name = os.environ.get("TEACH_MODEL") or None
