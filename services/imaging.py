@@ -64,6 +64,11 @@ def decode(data: bytes, limits: Limits = Limits()) -> Image.Image:
                          f"(over {limits.max_pixels} allowed, MAX_IMAGE_PIXELS)", 413) from None
     except UnidentifiedImageError:
         raise ImageError("not_an_image", f"not a supported image; send one of {', '.join(sorted(FORMATS))}") from None
+    except Exception as exc:  # noqa: BLE001 - PIL's header parsers raise many kinds (OSError, ValueError,
+        # struct.error ...) for a malformed header: a BMP with header size 99 or bit depth 7, a PNG
+        # whose zTXt or iCCP chunk inflates past PIL's text limit. Each is the client's file.
+        raise ImageError("corrupt_image", f"the file's header is malformed ({type(exc).__name__}: "
+                         f"{str(exc)[:200]})") from None
     width, height = image.size
     if width < 1 or height < 1:
         raise ImageError("invalid_image", f"the image has no pixels ({width}x{height})")
@@ -75,8 +80,9 @@ def decode(data: bytes, limits: Limits = Limits()) -> Image.Image:
         image.seek(0)
         image.load()
         image = ImageOps.exif_transpose(image)
-    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as exc:
-        raise ImageError("corrupt_image", f"the {image.format} file is truncated or corrupt ({exc})") from None
+    except Exception as exc:  # noqa: BLE001 - as above: whatever a broken file makes PIL raise
+        raise ImageError("corrupt_image", f"the {image.format} file is truncated or corrupt "
+                         f"({str(exc)[:200]})") from None
     return image
 
 

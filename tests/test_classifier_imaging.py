@@ -76,3 +76,43 @@ def test_the_classifier_service_imports_no_torch():
             "bad = [m for m in ('torch', 'torchvision', 'training') if m in sys.modules]; assert not bad, bad")
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
+
+
+def bmp(header_size: int = 40, bit_depth: int = 24, compression: int = 0) -> bytes:
+    """A 4x4 BMP with the given DIB header fields (the defaults make a valid file)."""
+    import struct
+
+    pixels = b"\x80" * (4 * 4 * 3)
+    dib = struct.pack("<IiiHHIIiiII", header_size, 4, 4, 1, bit_depth, compression, len(pixels), 2835, 2835, 0, 0)
+    dib += b"\0" * max(0, header_size - len(dib))
+    head = struct.pack("<2sIHHI", b"BM", 14 + len(dib) + len(pixels), 0, 0, 14 + len(dib))
+    return head + dib + pixels
+
+
+def png_with_chunk(kind: bytes, data: bytes) -> bytes:
+    """A valid PNG with one more chunk right after IHDR."""
+    import struct
+    import zlib
+
+    png = encode(Image.new("L", (4, 4), 9), "PNG")
+    chunk = struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    return png[:33] + chunk + png[33:]  # 8-byte signature + 25-byte IHDR chunk
+
+
+def inflating(size: int) -> bytes:
+    import zlib
+
+    return zlib.compress(b"a" * size, 9)
+
+
+@pytest.mark.parametrize("data", [
+    bmp(header_size=99), bmp(bit_depth=7), bmp(compression=9),
+    png_with_chunk(b"zTXt", b"Comment\0\0" + inflating(2_000_000)),
+    png_with_chunk(b"iCCP", b"icc\0\0" + inflating(2_000_000)),
+], ids=["bmp-header-99", "bmp-depth-7", "bmp-compression-9", "png-ztxt-2mb", "png-iccp-2mb"])
+def test_malformed_headers_are_a_clear_error_not_a_crash(data):
+    """Found by an outside probe: PIL raised errors that decode() did not catch (a 500)."""
+    assert imaging.prepare(imaging.decode(bmp()), **GREY).shape == (32, 32, 3)  # the fixture itself is valid
+    with pytest.raises(imaging.ImageError) as error:
+        imaging.prepare(imaging.decode(data), **GREY)
+    assert error.value.status == 400 and error.value.code == "corrupt_image"
