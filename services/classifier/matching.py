@@ -54,6 +54,14 @@ class Matcher:
     def in_database(self) -> bool:
         return self.store.pgvector
 
+    def prepare(self, model_sha256: str, dim: int) -> None:
+        """Before serving a model: build its cache (or its index in the database), so the first
+        request does not pay for it."""
+        if self.in_database:
+            self.store.prepare_search(model_sha256, dim)
+        else:
+            self.cache(model_sha256, dim)
+
     def nearest(self, model_sha256: str, queries: np.ndarray, k: int) -> tuple[list[list[Match]], int]:
         """The k nearest taught examples of this model for each query row, and how many there are.
         Blocking (database and numpy): call it from a worker thread."""

@@ -24,6 +24,7 @@ import logging
 import re
 import threading
 import time
+from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,10 +70,12 @@ SCHEMA = [
     "CREATE INDEX IF NOT EXISTS taught_examples_name ON taught_examples (name)",
     "CREATE TABLE IF NOT EXISTS taught_meta (key TEXT PRIMARY KEY, value BIGINT NOT NULL)",
     "INSERT INTO taught_meta (key, value) VALUES ('generation', 0) ON CONFLICT (key) DO NOTHING",
-    # How many examples there are, kept in step by every change: the limit check of a teach
-    # reads one row instead of counting the table.
+    # How many examples there are, in all and per model, kept in step by every change: a teach's
+    # limit check and a check's count read one row instead of counting the table.
     "INSERT INTO taught_meta (key, value) SELECT 'examples', COUNT(*) FROM taught_examples WHERE true "
     "ON CONFLICT (key) DO NOTHING",
+    "INSERT INTO taught_meta (key, value) SELECT 'examples:' || model_sha256, COUNT(*) FROM taught_examples "
+    "WHERE true GROUP BY model_sha256 ON CONFLICT (key) DO NOTHING",
 ]
 COLUMNS = "id, name, model, model_sha256, embedding, source, taught"
 
@@ -172,6 +175,11 @@ class SqlStore:
         cursor.execute("UPDATE taught_meta SET value = value + 1 WHERE key = 'generation' RETURNING value")
         return int(cursor.fetchone()[0])
 
+    def _model_counts(self, cursor, changes: Counter) -> None:
+        cursor.executemany(self._sql("INSERT INTO taught_meta (key, value) VALUES (?, ?) ON CONFLICT (key) "
+                                     "DO UPDATE SET value = taught_meta.value + excluded.value"),
+                           [(f"examples:{sha}", n) for sha, n in changes.items()])
+
     def _count_change(self, cursor, change: int, limit: int | None = None) -> int:
         """Add `change` to the examples count; TooManyExamples (the transaction rolls back) past limit."""
         cursor.execute(self._sql("UPDATE taught_meta SET value = value + ? WHERE key = 'examples' RETURNING value"),
@@ -199,9 +207,9 @@ class SqlStore:
             if model_sha256 is None:
                 cursor.execute("SELECT value FROM taught_meta WHERE key = 'examples'")
             else:
-                cursor.execute(self._sql("SELECT COUNT(*) FROM taught_examples WHERE model_sha256 = ?"),
-                               (model_sha256,))
-            return int(cursor.fetchone()[0])
+                cursor.execute(self._sql("SELECT value FROM taught_meta WHERE key = ?"), (f"examples:{model_sha256}",))
+            row = cursor.fetchone()
+            return int(row[0]) if row else 0
 
     def examples(self) -> list[Example]:
         """Everything taught, oldest change first (what /state/export writes)."""
@@ -232,6 +240,9 @@ class SqlStore:
     def nearest(self, model_sha256: str, queries: np.ndarray, k: int) -> tuple[list[list[tuple]], int]:
         raise NotImplementedError("this store has no nearest-neighbour search; matching.py searches a cache")
 
+    def prepare_search(self, model_sha256: str, dim: int) -> None:
+        pass
+
     # Changes -------------------------------------------------------------------------------
 
     def add(self, examples: list[Example], limit: int) -> int:
@@ -245,11 +256,14 @@ class SqlStore:
     def forget(self, *, name: str | None = None, id: str | None = None) -> int:  # noqa: A002 - the API's word
         column, value = ("name", name) if name is not None else ("id", id)
         with self._write() as cursor:
-            cursor.execute(self._sql(f"DELETE FROM taught_examples WHERE {column} = ?"), (value,))
-            removed = cursor.rowcount
+            cursor.execute(self._sql(f"DELETE FROM taught_examples WHERE {column} = ? RETURNING model_sha256"),
+                           (value,))
+            gone = Counter(row[0] for row in cursor.fetchall())
+            removed = sum(gone.values())
             if not removed:
                 raise KeyError(column)  # rolled back: the generation stays
             self._count_change(cursor, -removed)
+            self._model_counts(cursor, Counter({sha: -n for sha, n in gone.items()}))
             self._bump(cursor)
             return removed
 
@@ -283,6 +297,7 @@ class SqlStore:
         if replace:
             cursor.execute("DELETE FROM taught_examples")
             cursor.execute("UPDATE taught_meta SET value = 0 WHERE key = 'examples'")
+            cursor.execute("DELETE FROM taught_meta WHERE key LIKE 'examples:%'")
             new = examples
         else:
             known = set()
@@ -302,6 +317,7 @@ class SqlStore:
             self._sql(f"INSERT INTO taught_examples ({COLUMNS}, seq) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"),
             [(e.id, e.name, e.model, e.model_sha256, np.asarray(e.embedding, "<f4").tobytes(), e.source, e.taught, seq)
              for e in examples])
+        self._model_counts(cursor, Counter(e.model_sha256 for e in examples))
 
 
 def _example(row) -> Example:
@@ -403,6 +419,7 @@ class PostgresStore(SqlStore):
             f"INSERT INTO taught_examples ({COLUMNS}, seq, vec) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s::vector)",
             [(e.id, e.name, e.model, e.model_sha256, np.asarray(e.embedding, "<f4").tobytes(), e.source, e.taught, seq,
               _vector_text(e.embedding)) for e in examples])
+        self._model_counts(cursor, Counter(e.model_sha256 for e in examples))
 
     def nearest(self, model_sha256: str, queries: np.ndarray, k: int) -> tuple[list[list[tuple]], int]:
         """The nearest examples by inner product (cosine: every embedding is unit length) for each
@@ -414,7 +431,7 @@ class PostgresStore(SqlStore):
             raise ValueError("model_sha256 must be 64 hex digits")
         dim = queries.shape[1]
         if self.use_pgvector == "hnsw":
-            self._ensure_index(model_sha256, dim)
+            self._ensure_index(model_sha256, dim)  # made at start; here for callers that did not
             # Literal predicate and typed expression: the form the model's partial index matches.
             search = (f"SELECT id, name, -(vec::vector({dim}) <#> %(q)s::vector({dim})) FROM taught_examples "
                       f"WHERE model_sha256 = '{model_sha256}' AND vector_dims(vec) = {dim} "
@@ -430,20 +447,44 @@ class PostgresStore(SqlStore):
             for vector in queries:
                 cursor.execute(search, {"q": _vector_text(vector), "sha": model_sha256, "dim": dim, "k": k})
                 answers.append([(i, n, float(s)) for i, n, s in cursor.fetchall()])
-            cursor.execute("SELECT COUNT(*) FROM taught_examples WHERE model_sha256 = %s", (model_sha256,))
-            return answers, int(cursor.fetchone()[0])
+            cursor.execute("SELECT value FROM taught_meta WHERE key = %s", (f"examples:{model_sha256}",))
+            row = cursor.fetchone()
+            return answers, int(row[0]) if row else 0
+
+    def prepare_search(self, model_sha256: str, dim: int) -> None:
+        """Before serving a model: its HNSW index, when TEACH_PGVECTOR=hnsw."""
+        if self.pgvector and self.use_pgvector == "hnsw":
+            self._ensure_index(model_sha256, dim)
 
     def _ensure_index(self, model_sha256: str, dim: int) -> None:
-        """One HNSW index per model (pgvector indexes need a fixed dimension), made on its first
-        search. Building it blocks writes for its duration (seconds at 1e4 rows, minutes at 1e5)."""
+        """One HNSW index per model (pgvector indexes need a fixed dimension). The service makes
+        it at start, before it is ready; building it over many rows takes long (without the
+        statement timeout) and holds writes meanwhile."""
         if model_sha256 in self._indexed:
             return
+        if not re.fullmatch(r"[0-9a-f]{64}", model_sha256):
+            raise ValueError("model_sha256 must be 64 hex digits")
         with self._write() as cursor:
             cursor.execute("SELECT pg_advisory_xact_lock(7203312)")  # one builder at a time
+            cursor.execute("SET LOCAL statement_timeout = 0")
             cursor.execute(f"CREATE INDEX IF NOT EXISTS taught_hnsw_{model_sha256[:16]}_{dim} ON taught_examples "
                            f"USING hnsw ((vec::vector({dim})) vector_ip_ops) "
                            f"WHERE model_sha256 = '{model_sha256}' AND vector_dims(vec) = {dim}")
+        self._analyze()
         self._indexed.add(model_sha256)
+
+    def _analyze(self) -> None:
+        """Fresh planner statistics: with stale ones PostgreSQL sorts a scan instead of using the index."""
+        with self._lock:
+            connection = self._connection or self._connect()
+            self._connection = connection
+            connection.execute("ANALYZE taught_examples")
+
+    def load(self, examples: list[Example], replace: bool, limit: int) -> tuple[int, int]:
+        result = super().load(examples, replace, limit)
+        if self.use_pgvector == "hnsw" and len(examples) > 100:
+            self._analyze()
+        return result
 
     def describe(self) -> dict:
         where = urlsplit(self.url)
