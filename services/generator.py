@@ -29,7 +29,8 @@ from pydantic import Field
 from starlette.responses import Response
 
 from services.runtime import LoadedModel, Runtime, add_http_layer, api_errors, bad_request
-from services.runtime.config import workers
+from services.runtime.errors import shown
+from services.runtime.config import service_options
 
 SERVICE = "generator"
 MAX_IMAGES = 64                  # images per /generate request
@@ -102,7 +103,7 @@ def interpolate_latents(a: np.ndarray, b: np.ndarray, steps: int, method: str) -
 
 def check_seed(value: Any, field: str) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_SEED:
-        raise bad_request("seed_out_of_range", f"{field} must be an integer from 0 to {MAX_SEED}, got {value!r}",
+        raise bad_request("seed_out_of_range", f"{field} must be an integer from 0 to {MAX_SEED}, got {shown(value)}",
                           field)
     return value
 
@@ -111,13 +112,13 @@ def check_truncation(truncation: float) -> np.float32:
     low, high = TRUNCATION_RANGE
     if not math.isfinite(truncation) or not low < truncation <= high:
         raise bad_request("truncation_out_of_range",
-                          f"truncation must be a number in ({low:g}, {high:g}], got {truncation!r}", "truncation")
+                          f"truncation must be a number in ({low:g}, {high:g}], got {shown(truncation)}", "truncation")
     return np.float32(truncation)
 
 
 def check_format(value: str, allowed: tuple[str, ...]) -> str:
     if value not in allowed:
-        raise bad_request("invalid_format", f"format must be one of {list(allowed)}, got {value!r}", "format")
+        raise bad_request("invalid_format", f"format must be one of {list(allowed)}, got {shown(value)}", "format")
     return value
 
 
@@ -137,7 +138,11 @@ def check_latents(latents: Any, latent_dim: int) -> np.ndarray:
         if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in row):
             raise bad_request("invalid_latent", "latent components must be numbers (no strings, booleans or null)",
                               field)
-        array = np.asarray(row, np.float64)
+        try:
+            array = np.asarray(row, np.float64)
+        except OverflowError:  # an integer too large for a float
+            raise bad_request("latent_out_of_range", f"latent components must lie within +/-{MAX_ABS_LATENT:g}",
+                              field) from None
         if not np.isfinite(array).all():
             raise bad_request("non_finite_latent", "latent holds NaN or Infinity", field)
         if np.abs(array).max() > MAX_ABS_LATENT:
@@ -146,7 +151,7 @@ def check_latents(latents: Any, latent_dim: int) -> np.ndarray:
     return np.asarray(latents, np.float32)
 
 
-@bentoml.service(name=SERVICE, workers=workers(), traffic={"timeout": 60})
+@bentoml.service(name=SERVICE, **service_options(SERVICE))
 class Generator:
     def __init__(self) -> None:
         self.runtime = Runtime(service=SERVICE, kind="generator")
@@ -235,7 +240,7 @@ class Generator:
             raise bad_request("steps_out_of_range", f"steps must be from {MIN_STEPS} to {MAX_STEPS}, got {steps}",
                               "steps")
         if method not in METHODS:
-            raise bad_request("invalid_method", f"method must be one of {list(METHODS)}, got {method!r}", "method")
+            raise bad_request("invalid_method", f"method must be one of {list(METHODS)}, got {shown(method)}", "method")
         check_format(format, INTERPOLATE_FORMATS)
         scale = check_truncation(truncation)
         latents = interpolate_latents(seed_latent(seed_a, latent_dim) * scale, seed_latent(seed_b, latent_dim) * scale,

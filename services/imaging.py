@@ -50,6 +50,12 @@ class Limits:
 
 def decode(data: bytes, limits: Limits = Limits()) -> Image.Image:
     """Bytes -> a fully loaded PIL image (first frame), or ImageError saying why not."""
+    return load(open_image(data, limits))
+
+
+def open_image(data: bytes, limits: Limits = Limits()) -> Image.Image:
+    """Bytes -> an opened image whose header passed every check; its pixels are not decoded yet
+    (so a request's total size can be checked before any decoding work)."""
     if not data:
         raise ImageError("empty_file", "the file is empty")
     if len(data) > limits.max_file_bytes:
@@ -76,6 +82,11 @@ def decode(data: bytes, limits: Limits = Limits()) -> Image.Image:
         raise ImageError("decompression_bomb", f"the image is {width}x{height} = {width * height} pixels, "
                          f"over the limit of {limits.max_pixels} pixels or {limits.max_side} per side "
                          "(MAX_IMAGE_PIXELS)", 413)
+    return image
+
+
+def load(image: Image.Image) -> Image.Image:
+    """Decode an opened image's first frame, EXIF orientation applied."""
     try:
         image.seek(0)
         image.load()

@@ -55,11 +55,20 @@ def serve_command(spec: ServiceSpec, host: str, port: int) -> list[str]:
     return [sys.executable, "-m", "bentoml", "serve", spec.target, "--host", host, "--port", str(port)]
 
 
+def own_home(name: str, port: int, environ: dict) -> dict:
+    """A BENTOML_HOME of this server's own. Every `bentoml serve` keeps its Prometheus files in
+    $BENTOML_HOME/prometheus_multiproc_dir and empties it when it starts: servers sharing one
+    home overwrite each other's /metrics (and one starting can break another's /metrics)."""
+    base = Path(environ.get("BENTOML_HOME") or Path.home() / "bentoml")
+    return {"BENTOML_HOME": str(base / "servers" / f"{name}-{port}")}
+
+
 def start(spec: ServiceSpec, port: int, host: str = "127.0.0.1", env: dict | None = None,
           log_file=None) -> subprocess.Popen:
-    """Start `bentoml serve` for one service in its own process group."""
-    return subprocess.Popen(serve_command(spec, host, port), cwd=ROOT, env={**os.environ, **(env or {})}, start_new_session=True,
-                            stdout=log_file, stderr=subprocess.STDOUT if log_file else None)
+    """Start `bentoml serve` for one service in its own process group, with its own BENTOML_HOME."""
+    environ = {**os.environ, **(env or {})}
+    return subprocess.Popen(serve_command(spec, host, port), cwd=ROOT, env={**environ, **own_home(spec.name, port, environ)},
+                            start_new_session=True, stdout=log_file, stderr=subprocess.STDOUT if log_file else None)
 
 
 def wait_ready(url: str, process: subprocess.Popen, timeout: float) -> bool:
@@ -147,6 +156,7 @@ def exec_one(name: str, host: str, port: int, models_dir: Path) -> int:
               file=sys.stderr)
         return 2
     os.environ["MODELS_DIR"] = str(models_dir)
+    os.environ.update(own_home(name, port, os.environ))
     os.chdir(ROOT)
     os.execv(sys.executable, serve_command(specs[name], host, port))
 

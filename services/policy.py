@@ -13,7 +13,7 @@ import numpy as np
 from pydantic import Field
 
 from services.runtime import LoadedModel, Runtime, add_http_layer, api_errors, bad_request
-from services.runtime.config import workers
+from services.runtime.config import service_options
 
 SERVICE = "policy"
 
@@ -39,11 +39,13 @@ def validate_observations(observations: Any, obs_shape: list[int], max_batch: in
             _check_one(observation, obs_shape, f"observations[{i}]")
         raise bad_request("invalid_observations", f"observations must have shape [N, {', '.join(map(str, obs_shape))}]",
                           "observations")  # not reached in practice: _check_one names the culprit
+    batch = batch.astype(np.float32)  # checked after the cast: 1e308 is finite, but not as a float32
     finite = np.isfinite(batch).reshape(len(batch), -1).all(axis=1)
     if not finite.all():
         i = int(np.argmin(finite))
-        raise bad_request("non_finite_observation", f"observation {i} holds NaN or Infinity", f"observations[{i}]")
-    return batch.astype(np.float32)
+        raise bad_request("non_finite_observation", f"observation {i} holds NaN or Infinity, or a number beyond "
+                          "float32's range (about +/-3.4e38)", f"observations[{i}]")
+    return batch
 
 
 def _check_one(observation: Any, obs_shape: list[int], field: str) -> None:
@@ -76,7 +78,7 @@ def sample_actions(model: LoadedModel, outputs: list[np.ndarray], seed: int | No
     return np.clip(sampled, low, high)
 
 
-@bentoml.service(name=SERVICE, workers=workers(), traffic={"timeout": 30})
+@bentoml.service(name=SERVICE, **service_options(SERVICE))
 class Policy:
     def __init__(self) -> None:
         self.runtime = Runtime(service=SERVICE, kind="policy")

@@ -39,7 +39,8 @@ from services.classifier.matching import Matcher
 from services.classifier.store import Example, StoreError, TooManyExamples, open_store
 from services.classifier.uploads import ClassifyUpload, EmbedUpload, SimilarUpload, TeachUpload, decode_batch
 from services.runtime import ApiError, Runtime, add_http_layer, api_errors, bad_request
-from services.runtime.config import _float, workers
+from services.runtime.config import _float, service_options
+from services.runtime.errors import shown
 
 SERVICE = "classifier"
 DEFAULT_STORE = "sqlite:///data/classifier/taught.db"
@@ -57,7 +58,7 @@ def embedding_dim(model) -> int:
     return int(model.card["contract"]["outputs"][1]["shape"][1])
 
 
-@bentoml.service(name=SERVICE, workers=workers(), traffic={"timeout": 60})
+@bentoml.service(name=SERVICE, **service_options(SERVICE))
 class Classifier:
     def __init__(self) -> None:
         self.runtime = Runtime(service=SERVICE, kind="classifier")
@@ -104,7 +105,15 @@ class Classifier:
             self.state_failure = f"taught state {self.legacy_state} cannot be read: {exc}"
             log.error("classifier: NOT READY - %s", self.state_failure)
             return
-        self.matcher, self.store, self.state_failure = Matcher(store), store, None
+        try:
+            matcher = Matcher(store)
+            teach_model = self.runtime.get(self.teach_model_name)
+            matcher.prepare(teach_model.card["sha256"], embedding_dim(teach_model))  # cache or index, before ready
+        except (StoreError, ApiError) as exc:
+            self.state_failure = f"taught examples cannot be prepared for search: {getattr(exc, 'message', exc)}"
+            log.error("classifier: NOT READY - %s", self.state_failure)
+            return
+        self.matcher, self.store, self.state_failure = matcher, store, None
         log.info("classifier: taught examples in %s (%s)", self.redacted_url(), store.describe()["search"])
 
     def import_legacy(self, store) -> None:
@@ -164,7 +173,12 @@ class Classifier:
 
     async def infer(self, model, files) -> dict[str, np.ndarray]:
         preprocessing = model.card["contract"]["preprocessing"]
-        batch = await asyncio.to_thread(decode_batch, files, self.limits, preprocessing)  # CPU work: off the loop
+        cancelled = threading.Event()
+        try:  # decoding is CPU work: off the loop, and stopped if the request is cancelled
+            batch = await asyncio.to_thread(decode_batch, files, self.limits, preprocessing, cancelled)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
         outputs = await model(batch)
         return dict(zip(model.output_names, outputs))
 
@@ -266,7 +280,7 @@ class Classifier:
         try:
             return await self.stored(method, *args, **{field: value})
         except KeyError:
-            raise ApiError(404, "not_taught", f"nothing taught under {field} {value[:200]!r}", field) from None
+            raise ApiError(404, "not_taught", f"nothing taught under {field} {shown(value)}", field) from None
 
     @bentoml.api(route="/forget")
     @api_errors

@@ -11,17 +11,23 @@ def add_http_layer(service, name: str, settings: Settings | None = None,
                    body_limits: dict[str, int] | None = None) -> None:
     """Wrap a BentoML service in the shared HTTP layer (auth, body limit, error shape, /info).
 
-    Also make every JSON endpoint reject fields it does not know: a misspelt
-    "determinstic" must be a 400 naming it, not a silently ignored option.
+    Also make every JSON endpoint reject fields it does not know (a misspelt
+    "determinstic" must be a 400 naming it, not a silently ignored option) and take
+    types strictly: "deterministic": "yes" or 0, "seed": "7" or 1.0 are 400s, not guesses.
     """
+    json_routes = set()
     for api in service.apis.values():
         spec = api.input_spec
         if not getattr(spec, "multipart_fields", None):  # multipart forms check their own fields
             spec.model_config["extra"] = "forbid"
+            spec.model_config["strict"] = True
             spec.model_rebuild(force=True)
+            json_routes.add(api.route)
     settings = settings or Settings.from_env(name)
     service.add_asgi_middleware(ServiceHttp, service=name, max_body_bytes=settings.max_body_bytes,
-                                api_key=settings.api_key, body_limits=body_limits)
+                                api_key=settings.api_key, body_limits=body_limits, json_routes=json_routes,
+                                allowed_origins=settings.allowed_origins, allowed_hosts=settings.allowed_hosts,
+                                request_timeout=settings.request_timeout, body_timeout=settings.body_timeout)
 
 
 __all__ = ["ApiError", "LoadedModel", "Runtime", "Settings", "add_http_layer", "api_errors", "bad_request"]

@@ -60,6 +60,8 @@ class DynamicBatcher:
                     while sum(len(r) for r, _ in self._queue) < self.max_rows and time.monotonic() < deadline:
                         await asyncio.sleep(min(0.0005, deadline - time.monotonic()))
                 batch = self._take()
+                if not batch:
+                    continue
                 rows = batch[0][0] if len(batch) == 1 else np.concatenate([r for r, _ in batch])
                 self.on_batch(len(rows))
                 try:
@@ -77,11 +79,17 @@ class DynamicBatcher:
                     start = end
 
     def _take(self) -> list[tuple[np.ndarray, asyncio.Future]]:
-        """Queued requests in arrival order, up to max_rows rows (at least one request)."""
+        """Queued requests in arrival order, up to max_rows rows (at least one request).
+        Requests cancelled while queued (client gone, request timed out) are dropped unrun."""
+        while self._queue and self._queue[0][1].done():
+            self._queue.popleft()
+        if not self._queue:
+            return []
         batch = [self._queue.popleft()]
         rows = len(batch[0][0])
         while self._queue and rows + len(self._queue[0][0]) <= self.max_rows:
             part = self._queue.popleft()
-            batch.append(part)
-            rows += len(part[0])
+            if not part[1].done():
+                batch.append(part)
+                rows += len(part[0])
         return batch

@@ -31,9 +31,22 @@ def _float(name: str, default: float) -> float:
 
 
 def workers() -> int:
-    """WORKERS: worker processes of a service (default 1). Read when the service module is
-    imported, because BentoML takes it from the @bentoml.service decorator."""
     return _int("WORKERS", 1, minimum=1)
+
+
+def _positive(name: str, default: float) -> float:
+    value = _float(name, default)
+    if not value > 0:
+        raise ValueError(f"{name}={value} must be a positive number of seconds")
+    return value
+
+
+def service_options(service: str) -> dict:
+    """@bentoml.service options read from the environment when the service module is imported
+    (BentoML takes them from the decorator): WORKERS, and BentoML's own traffic timeout set
+    past REQUEST_TIMEOUT, so the shared HTTP layer answers a slow request first, in our shape."""
+    settings = Settings.from_env(service)
+    return {"workers": settings.workers, "traffic": {"timeout": settings.request_timeout + 10}}
 
 
 def _pins(raw: str) -> dict[str, str]:
@@ -49,8 +62,14 @@ def _pins(raw: str) -> dict[str, str]:
 
 # Defaults that differ by service; the environment still overrides them.
 SERVICE_DEFAULTS = {
+    "policy": {"request_timeout": 30.0},
     "classifier": {"max_body_bytes": 64 * 1024 * 1024},  # several full-size photos in one upload
 }
+
+
+def _list(name: str, default: tuple[str, ...]) -> tuple[str, ...]:
+    raw = os.environ.get(name, "").strip()
+    return tuple(item.strip() for item in raw.split(",") if item.strip()) if raw else default
 
 
 @dataclass(frozen=True)
@@ -66,6 +85,11 @@ class Settings:
     infer_threads: int = 0             # onnxruntime intra-op threads; 0 lets onnxruntime choose
     warmup_min_seconds: float = 0.0    # keep warming up at least this long before ready
     model_versions: dict[str, str] = field(default_factory=dict)
+    workers: int = 1                   # worker processes
+    request_timeout: float = 60.0      # seconds until a request is answered 504 and its work stopped
+    body_timeout: float = 60.0         # seconds to receive a request body (408 after)
+    allowed_origins: tuple[str, ...] = ()     # web pages allowed to call POST endpoints (CORS); "*": any
+    allowed_hosts: tuple[str, ...] = ("*",)   # Host headers served; "*": any
 
     @classmethod
     def from_env(cls, service: str | None = None) -> "Settings":
@@ -88,10 +112,18 @@ class Settings:
             infer_threads=_int("INFER_THREADS", cls.infer_threads),
             warmup_min_seconds=_float("WARMUP_MIN_SECONDS", cls.warmup_min_seconds),
             model_versions=_pins(os.environ.get("MODEL_VERSIONS", "")),
+            workers=workers(),
+            request_timeout=_positive("REQUEST_TIMEOUT", SERVICE_DEFAULTS.get(service, {}).get(
+                "request_timeout", cls.request_timeout)),
+            body_timeout=_positive("BODY_TIMEOUT", cls.body_timeout),
+            allowed_origins=_list("ALLOWED_ORIGINS", ()),
+            allowed_hosts=_list("ALLOWED_HOSTS", ("*",)),
         )
 
     def limits(self) -> dict:
         return {
+            "request_timeout_s": self.request_timeout,
+            "body_timeout_s": self.body_timeout,
             "max_body_bytes": self.max_body_bytes,
             "max_batch_size": self.max_batch_size,
             "adaptive_batching": self.batching,

@@ -25,7 +25,7 @@ import numpy as np
 from services.runtime import device, repository
 from services.runtime.batching import DynamicBatcher
 from services.runtime.config import Settings
-from services.runtime.errors import ApiError
+from services.runtime.errors import ApiError, shown
 from services.runtime.metrics import metrics
 
 log = logging.getLogger("services.runtime")
@@ -161,7 +161,7 @@ class Runtime:
                            field="model")
         model = self.models.get(name)
         if model is None:
-            raise ApiError(404, "model_not_found", f"no model {name!r}; this service serves {sorted(self.models)}",
+            raise ApiError(404, "model_not_found", f"no model {shown(name)}; this service serves {sorted(self.models)}",
                            field="model")
         return model
 

@@ -32,6 +32,16 @@ class ApiError(Exception):
                             status_code=self.status)
 
 
+def shown(value, limit: int = 80) -> str:
+    """A client's value quoted for an error message, cut to `limit` characters: an error must
+    not echo a 1 MB model name back."""
+    return repr(clip(str(value), limit))
+
+
+def clip(text: str, limit: int = 1000) -> str:
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
 def bad_request(code: str, message: str, field: str | None = None) -> ApiError:
     return ApiError(400, code, message, field)
 

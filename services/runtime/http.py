@@ -1,56 +1,183 @@
 """The HTTP layer every service shares, as one ASGI middleware around BentoML's app:
 
+- Hosts: with ALLOWED_HOSTS set, a request whose Host header is not listed gets 400 (a DNS
+  rebinding page cannot reach the service by a name of its own). Health probes are exempt.
+- Cross-origin: a state-changing request (POST ...) whose Origin is not the service's own
+  gets 403 unless ALLOWED_ORIGINS lists it; listed origins get CORS headers and preflight
+  answers. So with default settings no web page can teach, forget or import.
 - API key: when API_KEY is set, POST endpoints (inference, and any call that changes state)
   need `Authorization: Bearer <key>` (401 otherwise). GET endpoints stay open: health
   (/livez, /healthz, /readyz), /metrics, /info and the OpenAPI docs.
-- Body size: a request body over MAX_BODY_BYTES (or the route's own limit) gets 413 before
-  the service sees it.
-- One error shape: BentoML's own 4xx answers (request validation, unknown route, wrong
+- Bodies: over MAX_BODY_BYTES (or the route's own limit) is a 413 before the service sees it;
+  a body not complete within BODY_TIMEOUT seconds is a 408. JSON endpoints take only
+  `application/json` (415 otherwise) and a body that parses as a JSON object (400
+  invalid_request otherwise, one debug line in the log, no traceback).
+- Time: a request not answered within REQUEST_TIMEOUT seconds is a 504 in the error shape, and
+  its work is cancelled; so is the work of a request whose client has gone away.
+- One error shape: BentoML's own 4xx/5xx answers (request validation, unknown route, wrong
   media type) are rewritten into the shape of errors.py, naming the field.
-- GET /info: the service's info() (models, contracts, provider, limits, versions).
+- GET /info: the service's info(); GET /: the Swagger UI page without third-party scripts.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
+import logging
+from urllib.parse import urlsplit
 
-from services.runtime.errors import error_body
+from services.runtime.errors import clip, error_body, shown
 from services.runtime.metrics import metrics
 
 OPEN_METHODS = {"GET", "HEAD", "OPTIONS"}
+PROBES = {"/livez", "/healthz", "/readyz", "/metrics"}
+log = logging.getLogger("services.http")
+
+# BentoML's own page loads Google Tag Manager; this one loads only BentoML's bundled Swagger UI,
+# with the online validator off (it would send the schema's URL to a third party).
+DOCS_PAGE = b"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="UTF-8"><title>API</title>
+<link rel="stylesheet" type="text/css" href="./static_content/swagger-ui.css" />
+<link rel="stylesheet" type="text/css" href="./static_content/index.css" />
+</head><body><div id="swagger-ui"></div>
+<script src="./static_content/swagger-ui-bundle.js" charset="UTF-8"></script>
+<script src="./static_content/swagger-ui-standalone-preset.js" charset="UTF-8"></script>
+<script src="./docs-init.js" charset="UTF-8"></script>
+</body></html>
+"""
+DOCS_INIT = b"""window.onload = function () {
+  window.ui = SwaggerUIBundle({url: "./docs.json", dom_id: "#swagger-ui", deepLinking: true, validatorUrl: null,
+    presets: [SwaggerUIBundle.presets.apis, SwaggerUIStandalonePreset], layout: "StandaloneLayout"});
+};
+"""
+DOCS_POLICY = b"default-src 'self'; img-src 'self' data:; style-src 'self' 'unsafe-inline'"
 
 
 class ServiceHttp:
     def __init__(self, app, service: str, max_body_bytes: int, api_key: str | None,
-                 body_limits: dict[str, int] | None = None):
+                 body_limits: dict[str, int] | None = None, json_routes: set[str] | None = None,
+                 allowed_origins: tuple[str, ...] = (), allowed_hosts: tuple[str, ...] = ("*",),
+                 request_timeout: float = 60.0, body_timeout: float = 60.0):
         self.app, self.service, self.max_body_bytes = app, service, max_body_bytes
-        self.body_limits = body_limits or {}  # route -> its own limit (the classifier's /state/import)
         self.api_key = api_key.encode() if api_key else None
+        self.body_limits = body_limits or {}  # route -> its own limit (the classifier's /state/import)
+        self.json_routes = json_routes or set()
+        self.allowed_origins = {o.rstrip("/").lower() for o in allowed_origins}
+        self.allowed_hosts = {h.lower() for h in allowed_hosts}
+        self.request_timeout, self.body_timeout = request_timeout, body_timeout
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         method, path = scope["method"], scope["path"].rstrip("/") or "/"
 
+        if path not in PROBES and not self._host_allowed(scope):
+            return await self._error(send, 400, "invalid_host", f"Host {shown(_header(scope, b'host'))} is not in "
+                                     "ALLOWED_HOSTS", field="Host")
+        origin = _header(scope, b"origin")
+        listed = origin is not None and ("*" in self.allowed_origins or origin.rstrip("/").lower()
+                                         in self.allowed_origins)
+        if listed:
+            send = _with_cors(send, origin)
+        if method == "OPTIONS" and origin is not None and _header(scope, b"access-control-request-method"):
+            if listed:
+                return await _send_bytes(send, 204, b"", "text/plain", [
+                    (b"access-control-allow-methods", b"GET, POST"),
+                    (b"access-control-allow-headers", b"Authorization, Content-Type"),
+                    (b"access-control-max-age", b"600")])
+            return await self._cross_origin(send, origin)
+
         if method == "GET" and path == "/info":
             return await self._info(send)
+        if method == "GET" and path == "/":
+            return await _send_bytes(send, 200, DOCS_PAGE, "text/html; charset=utf-8",
+                                     [(b"content-security-policy", DOCS_POLICY)])
+        if method == "GET" and path == "/docs-init.js":
+            return await _send_bytes(send, 200, DOCS_INIT, "text/javascript; charset=utf-8")
         if self.api_key is not None and method not in OPEN_METHODS and not self._authorized(scope):
             return await self._error(send, 401, "unauthorized",
                                      "missing or wrong API key: send 'Authorization: Bearer <key>'",
                                      field="Authorization", headers=[(b"www-authenticate", b"Bearer")])
+        if method in OPEN_METHODS:
+            return await self.app(scope, receive, _reshaping_send(send, self._count))
 
-        if method not in OPEN_METHODS:
-            limit = self.body_limits.get(path, self.max_body_bytes)
-            length = _header(scope, b"content-length")
-            if length is not None and length.isdigit() and int(length) > limit:
-                return await self._too_large(send, limit)
-            body, complete = await self._read_body(receive, limit)
-            if not complete:
-                return await self._too_large(send, limit)
-            receive = _replay(body, receive)
+        if origin is not None and not listed and not _same_origin(origin, scope):
+            return await self._cross_origin(send, origin)
+        json_route = path in self.json_routes
+        if json_route and _media_type(scope) != "application/json":
+            return await self._error(send, 415, "unsupported_media_type", f"send the body as application/json, not "
+                                     f"{shown(_media_type(scope) or 'no content type')}", field="Content-Type")
+        limit = self.body_limits.get(path, self.max_body_bytes)
+        length = _header(scope, b"content-length")
+        if length is not None and length.isdigit() and int(length) > limit:
+            return await self._too_large(send, limit)
+        try:
+            body, complete = await asyncio.wait_for(self._read_body(receive, limit), self.body_timeout)
+        except asyncio.TimeoutError:
+            return await self._error(send, 408, "body_timeout", f"the request body did not arrive within "
+                                     f"{self.body_timeout:g} s (BODY_TIMEOUT)")
+        if not complete:
+            return await self._too_large(send, limit)
+        if json_route and body.strip():
+            problem = _json_problem(body)
+            if problem:
+                return await self._error(send, 400, "invalid_request", problem, field="body")
+        return await self._run(scope, body, receive, send)
 
-        return await self.app(scope, receive, _reshaping_send(send, self._count))
+    async def _run(self, scope, body: bytes, receive, send):
+        """The app with its body replayed, cancelled when the client goes away or the request
+        takes longer than REQUEST_TIMEOUT (then a 504 in our shape, if nothing was sent yet)."""
+        gone = asyncio.Event()
+        sent = False
+
+        async def replay():
+            nonlocal body
+            if body is not None:
+                chunk, body = body, None
+                return {"type": "http.request", "body": chunk, "more_body": False}
+            await gone.wait()
+            return {"type": "http.disconnect"}
+
+        async def watch():  # after the body, the only message left is the client's disconnect
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            gone.set()
+
+        reshaping = _reshaping_send(send, self._count)
+
+        async def tracking(message):
+            nonlocal sent
+            sent = True
+            await reshaping(message)
+
+        app = asyncio.ensure_future(self.app(scope, replay, tracking))
+        watcher = asyncio.ensure_future(watch())
+        try:
+            done, _ = await asyncio.wait({app, watcher}, timeout=self.request_timeout,
+                                         return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watcher.cancel()
+        if app in done:
+            return app.result()
+        app.cancel()
+        try:
+            await app
+        except BaseException:  # noqa: BLE001 - cancelled as intended, or failing on its way out
+            pass
+        if watcher in done:
+            log.debug("%s %s: the client went away; its work was cancelled", scope["method"], scope["path"])
+        elif not sent:
+            await self._error(send, 504, "timeout", f"the request was not answered within "
+                              f"{self.request_timeout:g} s (REQUEST_TIMEOUT); its work was stopped")
+
+    def _host_allowed(self, scope) -> bool:
+        if "*" in self.allowed_hosts:
+            return True
+        host = (_header(scope, b"host") or "").lower()
+        name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+        return any(name == h or (h.startswith(".") and (name.endswith(h) or name == h[1:]))
+                   for h in self.allowed_hosts)
 
     def _authorized(self, scope) -> bool:
         header = _header(scope, b"authorization") or ""
@@ -75,6 +202,10 @@ class ServiceHttp:
         setting = "MAX_BODY_BYTES" if limit == self.max_body_bytes else "this route's limit"
         await self._error(send, 413, "body_too_large", f"request body is over the limit of {limit} bytes ({setting})")
 
+    async def _cross_origin(self, send, origin: str):
+        await self._error(send, 403, "cross_origin", f"requests from the web page at {shown(origin)} are refused; "
+                          "list its origin in ALLOWED_ORIGINS to allow them", field="Origin")
+
     async def _info(self, send):
         import bentoml
 
@@ -88,6 +219,7 @@ class ServiceHttp:
 
     async def _error(self, send, status, code, message, field=None, headers=()):
         self._count(status, code)
+        log.debug("rejected: %d %s %s", status, code, message)  # one short line, never a traceback
         await _send_json(send, status, error_body(status, code, message, field), headers)
 
 
@@ -98,25 +230,48 @@ def _header(scope, name: bytes) -> str | None:
     return None
 
 
-def _replay(body: bytes, receive):
-    sent = False
+def _media_type(scope) -> str:
+    return (_header(scope, b"content-type") or "").split(";")[0].strip().lower()
 
-    async def replay():
-        nonlocal sent
-        if not sent:
-            sent = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        return await receive()
 
-    return replay
+def _same_origin(origin: str, scope) -> bool:
+    """The page's origin names the host the request was sent to (scheme aside: TLS may end at a proxy)."""
+    try:
+        return urlsplit(origin).netloc.lower() == (_header(scope, b"host") or "").lower()
+    except ValueError:
+        return False
+
+
+def _json_problem(body: bytes) -> str | None:
+    try:
+        data = json.loads(body)
+    except (ValueError, RecursionError) as exc:
+        return f"the body is not valid JSON: {clip(str(exc), 120)}"
+    if not isinstance(data, dict):
+        return f"the body must be a JSON object, not {type(data).__name__}"
+    return None
+
+
+def _with_cors(send, origin: str):
+    async def wrapped(message):
+        if message["type"] == "http.response.start":
+            message = {**message, "headers": [*message.get("headers", []),
+                                              (b"access-control-allow-origin", origin.encode("latin-1")),
+                                              (b"vary", b"Origin")]}
+        await send(message)
+
+    return wrapped
+
+
+async def _send_bytes(send, status: int, payload: bytes, content_type: str, headers=()):
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", content_type.encode()),
+                            (b"content-length", str(len(payload)).encode()), *headers]})
+    await send({"type": "http.response.body", "body": payload})
 
 
 async def _send_json(send, status: int, data, headers=()):
-    payload = json.dumps(data).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"),
-                            (b"content-length", str(len(payload)).encode()), *headers]})
-    await send({"type": "http.response.body", "body": payload})
+    await _send_bytes(send, status, json.dumps(data).encode(), "application/json", headers)
 
 
 def _reshaping_send(send, count):
@@ -150,7 +305,7 @@ def _reshaping_send(send, count):
 
 GENERIC_CODES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
                  413: "body_too_large", 415: "unsupported_media_type", 422: "invalid_request",
-                 500: "internal_error", 503: "not_ready"}
+                 500: "internal_error", 503: "not_ready", 504: "timeout"}
 
 
 def _as_error_shape(status: int, body: bytes) -> dict:
@@ -170,14 +325,14 @@ def _as_error_shape(status: int, body: bytes) -> dict:
         first = problems[0]
         message = "; ".join(f"{p['field']}: {p['message']}" for p in problems)
         code = "unknown_field" if first["message"] == "unknown field" else "invalid_request"
-        return error_body(status, code, message, first["field"], problems=problems)
+        return error_body(status, code, clip(message), first["field"], problems=problems[:20])
     if isinstance(data, dict) and isinstance(data.get("error") or data.get("detail"), str):
         message = data.get("error") or data.get("detail")
     else:
         message = body.decode("utf-8", "replace").strip() or f"HTTP {status}"
     if status >= 500:
         message = "internal error; see the service log"
-    return error_body(status, GENERIC_CODES.get(status, "error"), message)
+    return error_body(status, GENERIC_CODES.get(status, "error"), clip(message))
 
 
 def _loc(loc) -> str:
@@ -185,4 +340,4 @@ def _loc(loc) -> str:
     text = ""
     for part in loc:
         text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
-    return text or "body"
+    return clip(text or "body", 200)

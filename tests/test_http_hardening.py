@@ -1,0 +1,177 @@
+"""Defects an outside probe found in the shared HTTP layer and the services' input checks, each
+kept fixed here against real `bentoml serve` processes: wrong media types and broken JSON are
+4xx (not 500, not a logged traceback), cross-site pages and foreign Host names are refused,
+types are strict, echoed input is cut short, slow requests get a 504 in the error shape,
+each server has its own /metrics, and the docs page loads nothing from the internet."""
+
+from __future__ import annotations
+
+import io
+import re
+import socket
+import time
+
+import numpy as np
+import pytest
+import requests
+from PIL import Image
+
+from conftest import error_of, running_service
+from test_classifier_service import MODELS_DIR
+
+ACT = {"observations": [[0.0, 0.0, 0.05, 0.0]], "model": "cartpole"}
+CONSOLE = "http://console.example:8080"
+
+
+@pytest.fixture(scope="module")
+def policy(tmp_path_factory):
+    env = {"ALLOWED_ORIGINS": CONSOLE, "ALLOWED_HOSTS": "127.0.0.1,localhost"}
+    with running_service("policy", tmp_path_factory.mktemp("policy-hardening"), env=env) as server:
+        yield server
+
+
+def post(server, path, **kwargs):
+    return requests.post(f"{server.url}{path}", timeout=30, **kwargs)
+
+
+@pytest.mark.parametrize("content_type, body", [
+    ("multipart/form-data; boundary=x", b'{"observations": [[0, 0, 0, 0]]}'),  # was a 500
+    ("text/plain", b'{"observations": [[0, 0, 0, 0]]}'),  # a cross-site form could send this
+    ("application/x-www-form-urlencoded", b"observations=1"),
+])
+def test_json_endpoints_take_only_json(policy, content_type, body):
+    error = error_of(post(policy, "/act", data=body, headers={"Content-Type": content_type}), 415)
+    assert error["code"] == "unsupported_media_type" and error["field"] == "Content-Type"
+
+
+@pytest.mark.parametrize("body", [b"{not json", b'{"observations": [[0, 0, 0, 0]]', b"[1, 2]", b'"text"',
+                                  b"[" * 100_000])
+def test_broken_json_is_a_400_and_one_quiet_log_line(policy, body):
+    before = len(policy.log())
+    error = error_of(post(policy, "/act", data=body, headers={"Content-Type": "application/json"}), 400)
+    assert error["code"] == "invalid_request" and error["field"] == "body"
+    time.sleep(0.3)
+    assert "Traceback" not in policy.log()[before:]
+
+
+def test_cross_site_pages_are_refused_unless_listed(policy):
+    refused = post(policy, "/act", json=ACT, headers={"Origin": "http://evil.example"})
+    assert error_of(refused, 403)["code"] == "cross_origin"
+    assert "access-control-allow-origin" not in refused.headers
+    null = post(policy, "/act", json=ACT, headers={"Origin": "null"})  # sandboxed frames, file:// pages
+    assert error_of(null, 403)["code"] == "cross_origin"
+    own = post(policy, "/act", json=ACT, headers={"Origin": policy.url})  # the service's own page
+    assert own.status_code == 200, own.text
+    listed = post(policy, "/act", json=ACT, headers={"Origin": CONSOLE})
+    assert listed.status_code == 200 and listed.headers["access-control-allow-origin"] == CONSOLE
+    preflight = requests.options(f"{policy.url}/act", headers={"Origin": CONSOLE,
+                                                               "Access-Control-Request-Method": "POST"}, timeout=10)
+    assert preflight.status_code == 204 and "POST" in preflight.headers["access-control-allow-methods"]
+    denied = requests.options(f"{policy.url}/act", headers={"Origin": "http://evil.example",
+                                                            "Access-Control-Request-Method": "POST"}, timeout=10)
+    assert error_of(denied, 403)["code"] == "cross_origin"
+
+
+def test_foreign_host_names_are_refused_but_probes_answer(policy):
+    rebound = post(policy, "/act", json=ACT, headers={"Host": "attacker.example:3001"})  # DNS rebinding
+    assert error_of(rebound, 400)["code"] == "invalid_host"
+    assert requests.get(f"{policy.url}/info", headers={"Host": "attacker.example"}, timeout=10).status_code == 400
+    assert requests.get(f"{policy.url}/readyz", headers={"Host": "attacker.example"}, timeout=10).status_code == 200
+    assert post(policy, "/act", json=ACT, headers={"Host": "localhost:3001"}).status_code == 200
+
+
+@pytest.mark.parametrize("field, value", [
+    ("deterministic", "yes"), ("deterministic", "false"), ("deterministic", 0),
+    ("seed", "7"), ("seed", 1.0), ("seed", True),
+])
+def test_act_types_are_strict(policy, field, value):
+    error = error_of(post(policy, "/act", json={**ACT, field: value}), 400)
+    assert error["field"] == field
+
+
+@pytest.mark.parametrize("value", [1e308, 3.5e38, -1e39])
+def test_observations_must_be_finite_as_float32(policy, value):
+    error = error_of(post(policy, "/act", json={"observations": [[0.0, value, 0.0, 0.0]], "model": "cartpole"}), 400)
+    assert (error["code"], error["field"]) == ("non_finite_observation", "observations[0]")
+
+
+def test_echoed_input_is_cut_short(policy):
+    r = post(policy, "/act", json={**ACT, "model": "x" * 1_000_000})
+    assert error_of(r, 404)["code"] == "model_not_found" and len(r.content) < 2000
+    r = post(policy, "/act", json={**ACT, "x" * 100_000: 1})
+    assert error_of(r, 400)["code"] == "unknown_field" and len(r.content) < 2000
+
+
+def test_the_docs_page_loads_nothing_from_the_internet(policy):
+    page = requests.get(f"{policy.url}/", timeout=10)
+    assert page.status_code == 200 and "swagger-ui" in page.text
+    assert "googletagmanager" not in page.text and not re.search(r"""(src|href)=["']https?://""", page.text)
+    assert "default-src 'self'" in page.headers["content-security-policy"]
+    script = requests.get(f"{policy.url}/docs-init.js", timeout=10)
+    assert "validatorUrl: null" in script.text and "http" not in script.text
+    assert requests.get(f"{policy.url}/static_content/swagger-ui-bundle.js", timeout=10).status_code == 200
+
+
+def test_generator_latent_too_large_for_a_float_is_a_400(tmp_path):
+    with running_service("generator", tmp_path) as server:
+        body = '{"latents": [[' + ", ".join(["0"] * 99 + ["1" + "0" * 400]) + "]]}"
+        r = post(server, "/generate", data=body, headers={"Content-Type": "application/json"})
+        assert error_of(r, 400)["code"] == "latent_out_of_range"
+
+
+def big_jpeg(seed: int, side: int = 4000) -> bytes:
+    """16 megapixels in a few hundred kB: slow to decode, quick to send."""
+    x = np.linspace(0, 255, side, dtype=np.float32)
+    pixels = ((x[None, :] + x[:, None] * (seed + 1)) % 256).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).convert("RGB").save(buffer, "JPEG", quality=80)
+    return buffer.getvalue()
+
+
+def test_slow_requests_get_a_504_in_the_error_shape_and_budgets_hold(tmp_path):
+    env = {"MODELS_DIR": str(MODELS_DIR), "TEACH_STORE": f"sqlite:///{tmp_path / 't.db'}", "REQUEST_TIMEOUT": "0.3"}
+    files = [("images", (f"{i}.jpg", big_jpeg(i), "image/jpeg")) for i in range(6)]  # 96 MP: over a second
+    with running_service("classifier", tmp_path, env=env) as server:
+        slow = post(server, "/classify", files=files)
+        error = error_of(slow, 504)
+        assert error["code"] == "timeout" and "REQUEST_TIMEOUT" in error["message"]
+        over = post(server, "/classify", files=files + files[:1])  # 112 MP > MAX_REQUEST_PIXELS (100 MP)
+        assert error_of(over, 413)["code"] == "request_too_large"
+        small = [("images", ("s.jpg", big_jpeg(9, side=64), "image/jpeg"))]
+        assert post(server, "/classify", files=small).status_code == 200  # the worker is free again
+        deadline = time.monotonic() + 10  # the decoding thread stops at its next image
+        while not re.search(r"cancelled: decoding stopped after [1-5] of 6 images", server.log()):
+            assert time.monotonic() < deadline, "the timed-out request's decoding went on to the end"
+            time.sleep(0.2)
+
+
+def metric_services(url: str) -> set[str]:
+    text = requests.get(f"{url}/metrics", timeout=10).text
+    return set(re.findall(r'service="(\w+)"', text)) | set(re.findall(r'service_name="(\w+)"', text))
+
+
+def test_each_server_has_its_own_metrics(tmp_path):
+    """Servers started on one host used to share (and wipe) one Prometheus folder."""
+    with running_service("policy", tmp_path) as policy, running_service("generator", tmp_path) as generator:
+        assert post(policy, "/act", json=ACT).status_code == 200
+        assert post(generator, "/generate", json={"n": 1, "seed": 1}).status_code == 200
+        assert "policy" in metric_services(policy.url) and "generator" not in metric_services(policy.url)
+        assert "generator" in metric_services(generator.url) and "policy" not in metric_services(generator.url)
+        # A third server starting must not break or wipe the first ones' /metrics.
+        with running_service("policy", tmp_path, wait=False) as third:
+            for _ in range(20):
+                r = requests.get(f"{policy.url}/metrics", timeout=10)
+                assert r.status_code == 200 and 'service="policy"' in r.text
+                time.sleep(0.2)
+            assert third.process.poll() is None
+
+
+def test_idle_connections_are_closed(policy):
+    """A connection that sends nothing is not kept open for ever (uvicorn's keep-alive timeout)."""
+    host, port = policy.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as connection:
+        connection.sendall(b"GET /livez HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        assert connection.recv(4096).startswith(b"HTTP/1.1 200")
+        started = time.monotonic()
+        assert connection.recv(4096) == b""  # closed by the server
+        assert time.monotonic() - started < 15
