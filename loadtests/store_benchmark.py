@@ -3,7 +3,8 @@
 For each back-end and each number N of taught examples (random unit float32 vectors):
 
   load      seconds to import N examples (store.load, in chunks of --chunk, one transaction each)
-  first     the first search: builds the replica's cache, or the HNSW index
+  first     Matcher.prepare, what the service does before it is ready: builds the worker's
+            cache, or the HNSW index
   check     Matcher(store).nearest() of one query, median and p95 over --queries calls after the
             first; the generation read every request does is included
   after     the first check after another store object (another replica) added one example:
@@ -100,7 +101,7 @@ def measure(backend: str, url: str, n: int, args) -> Row:
 
         # 2. check: the first search (builds the cache, or the HNSW index), then single queries
         matcher = Matcher(store)
-        first_s = timed(lambda: matcher.nearest(SHA, query(rng, args.dim), 1))
+        first_s = timed(lambda: matcher.prepare(SHA, args.dim))
         queries = [query(rng, args.dim) for _ in range(args.queries)]
         times = [timed(lambda q=q: matcher.nearest(SHA, q, 1)) for q in queries]
         recall = float("nan")
