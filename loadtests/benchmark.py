@@ -227,6 +227,11 @@ def report(results: dict, command: str, server_cores: set[int], client_cores: se
         lines += target_lines(name, workload, raw, on, off)
         lines += [f"![{name} throughput](benchmarks/{name}_throughput.png) "
                   f"![{name} latency](benchmarks/{name}_latency.png)", ""]
+    lines += ["## Elsewhere", "",
+              "- [benchmarks/store.md](benchmarks/store.md): the classifier's taught-examples store, check and teach "
+              "times at 1e3 to 1e5 examples per back-end (`python -m loadtests.store_benchmark`).",
+              "- [benchmarks/workers.md](benchmarks/workers.md): requests/s with WORKERS=1 and 2 "
+              "(`python -m loadtests.benchmark --compare-workers 1 2`).", ""]
     text = "\n".join(lines) + "\n"
     return text
 
@@ -298,7 +303,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md")
     p.add_argument("--compare-workers", nargs="+", type=int, metavar="N",
                    help="instead of the full run: served throughput (batching on) with WORKERS=N for each N, "
-                        "side by side; prints a Markdown table")
+                        "side by side; writes benchmarks/workers.md beside --out")
     p.add_argument("--server-cores", choices=["half", "all"], default="half",
                    help="half: server and load generator on separate cores (default); all: the server may use "
                         "every core (the load generator shares them), for --compare-workers")
@@ -312,7 +317,10 @@ def main(argv=None) -> int:
     plots = args.out.parent / "benchmarks"  # beside the report, which links them relatively
     plots.mkdir(exist_ok=True)
     if args.compare_workers:
-        print(compare_workers(names, args.compare_workers, server_cores, args.duration, plots, command))
+        text = compare_workers(names, args.compare_workers, server_cores, args.duration, plots, command)
+        print(text)
+        (plots / "workers.md").write_text(f"# Requests/s by WORKERS\n\n{text}\n")
+        print(f"\nwrote {plots / 'workers.md'}")
         return 0
     results = {}
     for name in names:

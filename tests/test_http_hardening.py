@@ -167,11 +167,59 @@ def test_each_server_has_its_own_metrics(tmp_path):
 
 
 def test_idle_connections_are_closed(policy):
-    """A connection that sends nothing is not kept open for ever (uvicorn's keep-alive timeout)."""
-    host, port = policy.url.removeprefix("http://").split(":")
-    with socket.create_connection((host, int(port)), timeout=30) as connection:
+    """A kept-alive connection that sends nothing more is closed (uvicorn's keep-alive timeout)."""
+    with connect(policy) as connection:
         connection.sendall(b"GET /livez HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         assert connection.recv(4096).startswith(b"HTTP/1.1 200")
-        started = time.monotonic()
-        assert connection.recv(4096) == b""  # closed by the server
-        assert time.monotonic() - started < 15
+        assert closed_within(connection, 15)
+
+
+def connect(server) -> socket.socket:
+    host, port = server.url.removeprefix("http://").split(":")
+    return socket.create_connection((host, int(port)), timeout=30)
+
+
+def closed_within(connection: socket.socket, seconds: float, trickle: bytes = b"") -> bool:
+    """True if the server closes the connection within `seconds` (sending `trickle` a byte a second)."""
+    deadline = time.monotonic() + seconds
+    connection.settimeout(1)
+    for byte in [trickle[i:i + 1] for i in range(len(trickle))] + [b""] * int(seconds + 1):
+        try:
+            if byte:
+                connection.sendall(byte)
+            data = connection.recv(4096)
+            if data == b"" or data.startswith(b"HTTP/1.1 408"):
+                return time.monotonic() < deadline
+        except socket.timeout:
+            pass
+        except (ConnectionResetError, BrokenPipeError):
+            return time.monotonic() < deadline
+        if time.monotonic() > deadline:
+            return False
+    return False
+
+
+@pytest.fixture(scope="module")
+def impatient(tmp_path_factory):
+    env = {"HEADER_TIMEOUT": "2", "BODY_TIMEOUT": "2"}
+    with running_service("policy", tmp_path_factory.mktemp("policy-timeouts"), env=env) as server:
+        yield server
+
+
+def test_a_connection_that_never_sends_a_request_is_closed(impatient):
+    with connect(impatient) as connection:
+        assert closed_within(connection, 6)
+
+
+def test_headers_sent_a_byte_at_a_time_are_cut_off(impatient):
+    with connect(impatient) as connection:  # slowloris: the headers never end
+        assert closed_within(connection, 6, trickle=b"POST /act HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: " + b"a" * 30)
+
+
+def test_a_body_that_trickles_in_gets_408_and_the_connection_closes(impatient):
+    with connect(impatient) as connection:
+        connection.sendall(b"POST /act HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                           b"Content-Length: 1000\r\n\r\n{")
+        assert closed_within(connection, 6, trickle=b" " * 30)
+    r = requests.post(f"{impatient.url}/act", json=ACT, timeout=10)  # others are served meanwhile and after
+    assert r.status_code == 200

@@ -1,6 +1,7 @@
 """The serving runtime shared by every service: model repository, device choice, sessions,
 adaptive batching, limits, errors, auth and metrics. Services hold one Runtime each."""
 
+from services.runtime import connections
 from services.runtime.config import Settings
 from services.runtime.core import LoadedModel, Runtime
 from services.runtime.errors import ApiError, api_errors, bad_request
@@ -28,6 +29,7 @@ def add_http_layer(service, name: str, settings: Settings | None = None,
                                 api_key=settings.api_key, body_limits=body_limits, json_routes=json_routes,
                                 allowed_origins=settings.allowed_origins, allowed_hosts=settings.allowed_hosts,
                                 request_timeout=settings.request_timeout, body_timeout=settings.body_timeout)
+    connections.install(settings.header_timeout)  # before uvicorn accepts the first connection
 
 
 __all__ = ["ApiError", "LoadedModel", "Runtime", "Settings", "add_http_layer", "api_errors", "bad_request"]

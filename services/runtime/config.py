@@ -88,6 +88,7 @@ class Settings:
     workers: int = 1                   # worker processes
     request_timeout: float = 60.0      # seconds until a request is answered 504 and its work stopped
     body_timeout: float = 60.0         # seconds to receive a request body (408 after)
+    header_timeout: float = 10.0       # seconds to receive a request's headers (the connection closes after)
     allowed_origins: tuple[str, ...] = ()     # web pages allowed to call POST endpoints (CORS); "*": any
     allowed_hosts: tuple[str, ...] = ("*",)   # Host headers served; "*": any
 
@@ -116,6 +117,7 @@ class Settings:
             request_timeout=_positive("REQUEST_TIMEOUT", SERVICE_DEFAULTS.get(service, {}).get(
                 "request_timeout", cls.request_timeout)),
             body_timeout=_positive("BODY_TIMEOUT", cls.body_timeout),
+            header_timeout=_positive("HEADER_TIMEOUT", cls.header_timeout),
             allowed_origins=_list("ALLOWED_ORIGINS", ()),
             allowed_hosts=_list("ALLOWED_HOSTS", ("*",)),
         )
@@ -124,6 +126,7 @@ class Settings:
         return {
             "request_timeout_s": self.request_timeout,
             "body_timeout_s": self.body_timeout,
+            "header_timeout_s": self.header_timeout,
             "max_body_bytes": self.max_body_bytes,
             "max_batch_size": self.max_batch_size,
             "adaptive_batching": self.batching,

@@ -8,6 +8,8 @@
 - API key: when API_KEY is set, POST endpoints (inference, and any call that changes state)
   need `Authorization: Bearer <key>` (401 otherwise). GET endpoints stay open: health
   (/livez, /healthz, /readyz), /metrics, /info and the OpenAPI docs.
+- Connections: request headers not complete within HEADER_TIMEOUT seconds close the
+  connection (connections.py); idle kept-alive connections close after uvicorn's 5 s.
 - Bodies: over MAX_BODY_BYTES (or the route's own limit) is a 413 before the service sees it;
   a body not complete within BODY_TIMEOUT seconds is a 408. JSON endpoints take only
   `application/json` (415 otherwise) and a body that parses as a JSON object (400
