@@ -223,3 +223,22 @@ def test_a_body_that_trickles_in_gets_408_and_the_connection_closes(impatient):
         assert closed_within(connection, 6, trickle=b" " * 30)
     r = requests.post(f"{impatient.url}/act", json=ACT, timeout=10)  # others are served meanwhile and after
     assert r.status_code == 200
+
+
+def test_the_openapi_document_describes_the_errors_really_answered(policy):
+    import jsonschema
+
+    document = requests.get(f"{policy.url}/docs.json", timeout=10).json()
+    error_schema = document["components"]["schemas"]["Error"]
+    responses = document["paths"]["/act"]["post"]["responses"]
+    assert {"400", "401", "403", "404", "408", "413", "415", "503", "504"} <= set(responses)
+    assert all(r["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/Error"}
+               for status, r in responses.items() if status[0] in "45")
+    answers = [post(policy, "/act", json={"observations": [[0.0] * 3], "model": "cartpole"}),
+               post(policy, "/act", json={**ACT, "model": "nope"}),
+               post(policy, "/act", json={**ACT, "deterministic": "yes"}),
+               post(policy, "/act", data=b"x", headers={"Content-Type": "text/plain"}),
+               post(policy, "/act", json=ACT, headers={"Origin": "http://evil.example"})]
+    for answer in answers:
+        assert str(answer.status_code) in responses
+        jsonschema.validate(answer.json(), error_schema)  # the body is what the document says

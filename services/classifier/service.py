@@ -327,4 +327,5 @@ class Classifier:
         return {"imported": imported, "total": total}
 
 
-add_http_layer(Classifier, SERVICE, body_limits={"/state/import": import_bytes()})
+add_http_layer(Classifier, SERVICE, body_limits={"/state/import": import_bytes()},
+               error_statuses={"409": "teach or import would exceed MAX_TAUGHT_EXAMPLES (too_many_examples)"})

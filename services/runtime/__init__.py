@@ -9,7 +9,7 @@ from services.runtime.http import ServiceHttp
 
 
 def add_http_layer(service, name: str, settings: Settings | None = None,
-                   body_limits: dict[str, int] | None = None) -> None:
+                   body_limits: dict[str, int] | None = None, error_statuses: dict[str, str] | None = None) -> None:
     """Wrap a BentoML service in the shared HTTP layer (auth, body limit, error shape, /info).
 
     Also make every JSON endpoint reject fields it does not know (a misspelt
@@ -28,7 +28,8 @@ def add_http_layer(service, name: str, settings: Settings | None = None,
     service.add_asgi_middleware(ServiceHttp, service=name, max_body_bytes=settings.max_body_bytes,
                                 api_key=settings.api_key, body_limits=body_limits, json_routes=json_routes,
                                 allowed_origins=settings.allowed_origins, allowed_hosts=settings.allowed_hosts,
-                                request_timeout=settings.request_timeout, body_timeout=settings.body_timeout)
+                                request_timeout=settings.request_timeout, body_timeout=settings.body_timeout,
+                                error_statuses=error_statuses)
     connections.install(settings.header_timeout)  # before uvicorn accepts the first connection
 
 

@@ -18,7 +18,8 @@
   its work is cancelled; so is the work of a request whose client has gone away.
 - One error shape: BentoML's own 4xx/5xx answers (request validation, unknown route, wrong
   media type) are rewritten into the shape of errors.py, naming the field.
-- GET /info: the service's info(); GET /: the Swagger UI page without third-party scripts.
+- GET /info: the service's info(); GET /: the Swagger UI page without third-party scripts;
+  GET /docs.json: BentoML's OpenAPI document with the error responses made true (openapi.py).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from urllib.parse import urlsplit
 
 from services.runtime.errors import clip, error_body, shown
 from services.runtime.metrics import metrics
+from services.runtime.openapi import describe_errors
 
 OPEN_METHODS = {"GET", "HEAD", "OPTIONS"}
 PROBES = {"/livez", "/healthz", "/readyz", "/metrics"}
@@ -60,7 +62,8 @@ class ServiceHttp:
     def __init__(self, app, service: str, max_body_bytes: int, api_key: str | None,
                  body_limits: dict[str, int] | None = None, json_routes: set[str] | None = None,
                  allowed_origins: tuple[str, ...] = (), allowed_hosts: tuple[str, ...] = ("*",),
-                 request_timeout: float = 60.0, body_timeout: float = 60.0):
+                 request_timeout: float = 60.0, body_timeout: float = 60.0,
+                 error_statuses: dict[str, str] | None = None):
         self.app, self.service, self.max_body_bytes = app, service, max_body_bytes
         self.api_key = api_key.encode() if api_key else None
         self.body_limits = body_limits or {}  # route -> its own limit (the classifier's /state/import)
@@ -68,6 +71,7 @@ class ServiceHttp:
         self.allowed_origins = {o.rstrip("/").lower() for o in allowed_origins}
         self.allowed_hosts = {h.lower() for h in allowed_hosts}
         self.request_timeout, self.body_timeout = request_timeout, body_timeout
+        self.error_statuses = error_statuses or {}  # a service's own, beyond openapi.POST_ERRORS
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -97,6 +101,8 @@ class ServiceHttp:
                                      [(b"content-security-policy", DOCS_POLICY)])
         if method == "GET" and path == "/docs-init.js":
             return await _send_bytes(send, 200, DOCS_INIT, "text/javascript; charset=utf-8")
+        if method == "GET" and path == "/docs.json":
+            return await self.app(scope, receive, _rewriting_json(send, self._describe_errors))
         if self.api_key is not None and method not in OPEN_METHODS and not self._authorized(scope):
             return await self._error(send, 401, "unauthorized",
                                      "missing or wrong API key: send 'Authorization: Bearer <key>'",
@@ -172,6 +178,9 @@ class ServiceHttp:
         elif not sent:
             await self._error(send, 504, "timeout", f"the request was not answered within "
                               f"{self.request_timeout:g} s (REQUEST_TIMEOUT); its work was stopped")
+
+    def _describe_errors(self, document: dict) -> dict:
+        return describe_errors(document, self.error_statuses)
 
     def _host_allowed(self, scope) -> bool:
         if "*" in self.allowed_hosts:
@@ -252,6 +261,29 @@ def _json_problem(body: bytes) -> str | None:
     if not isinstance(data, dict):
         return f"the body must be a JSON object, not {type(data).__name__}"
     return None
+
+
+def _rewriting_json(send, rewrite):
+    """Pass a JSON response through `rewrite` (a 200 only; anything else passes untouched)."""
+    state = {"start": None, "chunks": []}
+
+    async def wrapped(message):
+        if message["type"] == "http.response.start":
+            if message["status"] != 200:
+                return await send(message)
+            state["start"] = message
+            return None
+        if state["start"] is None:
+            return await send(message)
+        state["chunks"].append(message.get("body", b""))
+        if message.get("more_body", False):
+            return None
+        payload = json.dumps(rewrite(json.loads(b"".join(state["chunks"])))).encode()
+        headers = [(k, v) for k, v in state["start"].get("headers", []) if k.lower() != b"content-length"]
+        await send({**state["start"], "headers": [*headers, (b"content-length", str(len(payload)).encode())]})
+        await send({"type": "http.response.body", "body": payload})
+
+    return wrapped
 
 
 def _with_cors(send, origin: str):

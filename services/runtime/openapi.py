@@ -1,0 +1,55 @@
+"""Make the OpenAPI document (/docs.json) true about errors.
+
+BentoML documents `error` as a string and lists 400, 404 and 500 only; every error the
+services answer has the one shape of errors.py, and the shared HTTP layer adds 401, 403,
+408, 413, 415, 503 and 504. This rewrites each operation's error responses to that shape.
+"""
+
+from __future__ import annotations
+
+ERROR_SCHEMA = {
+    "type": "object", "title": "Error", "required": ["error"],
+    "properties": {"error": {
+        "type": "object", "required": ["status", "code", "field", "message"],
+        "properties": {
+            "status": {"type": "integer", "description": "the HTTP status, repeated"},
+            "code": {"type": "string", "description": "what went wrong, e.g. invalid_observation, body_too_large"},
+            "field": {"type": ["string", "null"], "description": "the field, file or header at fault, e.g. "
+                                                                 "observations[3], images[0], Origin"},
+            "message": {"type": "string", "description": "in plain words, naming the limit or setting involved"},
+            "problems": {"type": "array", "description": "each invalid field, when several were",
+                         "items": {"type": "object", "properties": {"field": {"type": "string"},
+                                                                    "message": {"type": "string"}}}},
+        }}},
+}
+POST_ERRORS = {
+    "400": "invalid input: the code and field say which (also invalid_host with ALLOWED_HOSTS)",
+    "401": "API_KEY is set and the bearer token is missing or wrong",
+    "403": "cross_origin: a web page of an origin not in ALLOWED_ORIGINS",
+    "404": "an unknown model (model_not_found) or taught name or id (not_taught)",
+    "408": "the body did not arrive within BODY_TIMEOUT",
+    "413": "a body, file or image over its limit",
+    "415": "the wrong Content-Type for this endpoint",
+    "500": "a bug: never the client's fault (the log has the details)",
+    "503": "not ready: models loading or failed, or the taught-examples store is unavailable",
+    "504": "not answered within REQUEST_TIMEOUT; the work was stopped",
+}
+
+
+def describe_errors(document: dict, extra: dict[str, str] | None = None) -> dict:
+    """The document with every operation's 4xx/5xx responses in the error shape."""
+    schemas = document.setdefault("components", {}).setdefault("schemas", {})
+    for stale in ("InvalidArgument", "NotFound", "InternalServerError"):
+        schemas.pop(stale, None)
+    schemas["Error"] = ERROR_SCHEMA
+    errors = {**POST_ERRORS, **(extra or {})}
+    for path, operations in document.get("paths", {}).items():
+        for method, operation in operations.items():
+            responses = operation.setdefault("responses", {})
+            for status in [s for s in responses if s[0] in "45"]:
+                del responses[status]
+            wanted = errors if method == "post" else ({"503": "not ready"} if path == "/readyz" else {})
+            for status, description in sorted(wanted.items()):
+                responses[status] = {"description": description, "content": {
+                    "application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+    return document
