@@ -217,3 +217,25 @@ def test_the_cache_follows_any_sequence_of_changes_made_elsewhere(store_url):
             best = np.argsort(-(matrix @ query), kind="stable")[:3]
             assert [(m.id, m.name) for m in answer] == [(everything[j].id, everything[j].name) for j in best], \
                 (step, action)
+
+
+def test_workers_opening_a_new_database_at_once_all_succeed(store_url):
+    """Several workers and replicas start together and create the schema at the same moment
+    (on PostgreSQL this raced on CREATE TABLE: 'duplicate key ... pg_type_typname_nsp_index')."""
+    import threading
+
+    url, pgvector = store_url
+    errors = []
+
+    def open_one():
+        try:
+            open_store(url, pgvector).close()
+        except Exception as exc:  # noqa: BLE001 - collected for the assertion
+            errors.append(exc)
+
+    threads = [threading.Thread(target=open_one) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors

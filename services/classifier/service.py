@@ -126,9 +126,11 @@ class Classifier:
                      added, len(examples), self.legacy_state)
 
     def redacted_url(self) -> str:
+        """The store's URL without its password, for logs and /info."""
         scheme, sep, rest = self.store_url.partition("://")
         credentials, at, host = rest.rpartition("@")
-        return f"{scheme}{sep}{credentials.split(':')[0] + ':***@' if at else ''}{host}"
+        user, colon, _ = credentials.partition(":")
+        return f"{scheme}{sep}{user}{':***' if colon else ''}{at}{host}"
 
     def dims(self) -> dict[str, int]:
         return {m.card["sha256"]: embedding_dim(m) for m in self.runtime.models.values()}

@@ -91,6 +91,7 @@ class SqlStore:
         self._lock = threading.Lock()  # one connection per process, used from worker threads
         self._connection = None
         with self._write() as cursor:
+            self._lock_schema(cursor)
             for statement in SCHEMA:
                 cursor.execute(self._sql(statement.format(blob=self.blob)))
             self._extend_schema(cursor)
@@ -107,6 +108,9 @@ class SqlStore:
 
     def _sql(self, statement: str) -> str:
         return statement
+
+    def _lock_schema(self, cursor) -> None:
+        pass  # SQLite: BEGIN IMMEDIATE already lets one writer in at a time
 
     def _extend_schema(self, cursor) -> None:
         pass
@@ -387,9 +391,11 @@ class PostgresStore(SqlStore):
 
         return isinstance(exc, psycopg.Error)
 
-    def _extend_schema(self, cursor) -> None:
-        # Workers that start together would race on CREATE TABLE; one at a time.
+    def _lock_schema(self, cursor) -> None:
+        # Workers and replicas that start together would race on CREATE TABLE; one at a time.
         cursor.execute("SELECT pg_advisory_xact_lock(7203311)")
+
+    def _extend_schema(self, cursor) -> None:
         if self.use_pgvector == "off":
             return
         cursor.execute("SELECT 1 FROM pg_available_extensions WHERE name = 'vector'")

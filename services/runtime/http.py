@@ -264,26 +264,8 @@ def _json_problem(body: bytes) -> str | None:
 
 
 def _rewriting_json(send, rewrite):
-    """Pass a JSON response through `rewrite` (a 200 only; anything else passes untouched)."""
-    state = {"start": None, "chunks": []}
-
-    async def wrapped(message):
-        if message["type"] == "http.response.start":
-            if message["status"] != 200:
-                return await send(message)
-            state["start"] = message
-            return None
-        if state["start"] is None:
-            return await send(message)
-        state["chunks"].append(message.get("body", b""))
-        if message.get("more_body", False):
-            return None
-        payload = json.dumps(rewrite(json.loads(b"".join(state["chunks"])))).encode()
-        headers = [(k, v) for k, v in state["start"].get("headers", []) if k.lower() != b"content-length"]
-        await send({**state["start"], "headers": [*headers, (b"content-length", str(len(payload)).encode())]})
-        await send({"type": "http.response.body", "body": payload})
-
-    return wrapped
+    """Pass a 200 JSON response through `rewrite` (anything else passes untouched)."""
+    return _buffered(send, lambda status: status == 200, lambda status, body: rewrite(json.loads(body)))
 
 
 def _with_cors(send, origin: str):
@@ -310,11 +292,21 @@ async def _send_json(send, status: int, data, headers=()):
 
 def _reshaping_send(send, count):
     """Pass responses through; rewrite 4xx/5xx bodies that are not yet in our error shape."""
+    def reshape(status: int, body: bytes) -> dict:
+        shaped = _as_error_shape(status, body)
+        count(status, shaped["error"]["code"])
+        return shaped
+
+    return _buffered(send, lambda status: status >= 400, reshape)
+
+
+def _buffered(send, wanted, rewrite):
+    """Hold back a response whose status is `wanted`, and send rewrite(status, body) as JSON instead."""
     state = {"start": None, "chunks": []}
 
     async def wrapped(message):
         if message["type"] == "http.response.start":
-            if message["status"] < 400:
+            if not wanted(message["status"]):
                 return await send(message)
             state["start"] = message
             return None
@@ -323,13 +315,9 @@ def _reshaping_send(send, count):
         state["chunks"].append(message.get("body", b""))
         if message.get("more_body", False):
             return None
-        start, body = state["start"], b"".join(state["chunks"])
-        status = start["status"]
-        shaped = _as_error_shape(status, body)
-        count(status, shaped["error"]["code"])
-        payload = json.dumps(shaped).encode()
-        headers = [(k, v) for k, v in start.get("headers", [])
-                   if k.lower() not in (b"content-length", b"content-type")]
+        start = state["start"]
+        payload = json.dumps(rewrite(start["status"], b"".join(state["chunks"]))).encode()
+        headers = [(k, v) for k, v in start.get("headers", []) if k.lower() not in (b"content-length", b"content-type")]
         headers += [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
         await send({**start, "headers": headers})
         await send({"type": "http.response.body", "body": payload})
