@@ -72,7 +72,10 @@ class Classifier:
         self.teach_model_name = os.environ.get("TEACH_MODEL") or None
         self.store = self.matcher = None
         self.state_failure: str | None = "the taught-examples store is opening"
+        self.first_attempt = threading.Event()  # set once the store was tried: opened, or said why not
         threading.Thread(target=self.open_state, name="classifier-store", daemon=True).start()
+        if self.runtime.settings.workers > 1:  # as the runtime does: accept requests once the store is open
+            self.first_attempt.wait()
 
     def __is_ready__(self) -> bool:
         return self.runtime.ready and self.store is not None
@@ -84,6 +87,12 @@ class Classifier:
         them), import a legacy taught.json once, then serve. An unreachable database is tried
         again every 2 s (PostgreSQL may start after us); a legacy file that cannot be read
         keeps the service not ready, and the file is left as it is."""
+        try:
+            self.connect_store()
+        finally:
+            self.first_attempt.set()
+
+    def connect_store(self) -> None:
         if not self.runtime.wait():
             return
         said = None
@@ -96,6 +105,7 @@ class Classifier:
                 if self.state_failure != said:
                     log.error("classifier: NOT READY - %s (retrying every 2 s)", self.state_failure)
                     said = self.state_failure
+                self.first_attempt.set()
                 if isinstance(exc, ValueError):
                     return  # a wrong TEACH_STORE: retrying will not help
                 time.sleep(2)

@@ -112,6 +112,12 @@ class Runtime:
         self.failure: str | None = None
         self._loader = threading.Thread(target=self._load_all, name=f"{service}-loader", daemon=True)
         self._loader.start()
+        if self.settings.workers > 1:
+            # Workers share one listening socket and a worker accepts connections only once its
+            # service is built: waiting here keeps requests away from a worker still loading
+            # (one worker's /readyz says nothing of the others'). With one worker, loading stays
+            # in the background so /readyz and /info can say why it is not ready yet.
+            self._loader.join()
 
     # Loading -------------------------------------------------------------------------
 
