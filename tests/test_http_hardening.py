@@ -242,3 +242,26 @@ def test_the_openapi_document_describes_the_errors_really_answered(policy):
     for answer in answers:
         assert str(answer.status_code) in responses
         jsonschema.validate(answer.json(), error_schema)  # the body is what the document says
+
+
+def test_memory_taken_by_large_decodes_is_given_back(tmp_path):
+    """A worker that decoded 96 megapixels three times is back near its size before (the probe saw
+    519 -> 949 MB stay; MAX_REQUEST_PIXELS bounds a request, malloc_trim returns freed memory)."""
+    from services import launch
+
+    def worker_rss_mb(server) -> int:
+        sizes = []
+        for pid in launch.descendants(server.process.pid):
+            status = open(f"/proc/{pid}/status").read()
+            sizes.append(int(re.search(r"VmRSS:\s+(\d+)", status).group(1)) // 1024)
+        return max(sizes)
+
+    env = {"MODELS_DIR": str(MODELS_DIR), "TEACH_STORE": f"sqlite:///{tmp_path / 't.db'}", "REQUEST_TIMEOUT": "120"}
+    files = [("images", (f"{i}.jpg", big_jpeg(i), "image/jpeg")) for i in range(6)]
+    with running_service("classifier", tmp_path, env=env) as server:
+        assert post(server, "/classify", files=[("images", ("s.jpg", big_jpeg(0, side=64), "image/jpeg"))]).ok
+        before = worker_rss_mb(server)
+        for _ in range(3):
+            assert requests.post(f"{server.url}/classify", files=files, timeout=120).status_code == 200
+        after = worker_rss_mb(server)
+    assert after - before < 50, f"worker grew from {before} to {after} MB"
