@@ -116,7 +116,8 @@ def served(workload: Workload, server_cores: set[int], batching: bool, seconds: 
     log = open(logs / f"server-{workload.name}-{'on' if batching else 'off'}-w{workers}.log", "w")
     process = subprocess.Popen(["taskset", "-c", ",".join(map(str, sorted(server_cores))),
                                 *launch.serve_command(spec, "127.0.0.1", port)],
-                               cwd=ROOT, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT,
+                               cwd=ROOT, env={**os.environ, **env, **launch.own_home(workload.name, port, os.environ)},
+                               stdout=log, stderr=subprocess.STDOUT,
                                start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:

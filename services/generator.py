@@ -29,8 +29,8 @@ from pydantic import Field
 from starlette.responses import Response
 
 from services.runtime import LoadedModel, Runtime, add_http_layer, api_errors, bad_request
-from services.runtime.errors import shown
 from services.runtime.config import service_options
+from services.runtime.errors import shown
 
 SERVICE = "generator"
 MAX_IMAGES = 64                  # images per /generate request

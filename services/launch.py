@@ -67,8 +67,9 @@ def start(spec: ServiceSpec, port: int, host: str = "127.0.0.1", env: dict | Non
           log_file=None) -> subprocess.Popen:
     """Start `bentoml serve` for one service in its own process group, with its own BENTOML_HOME."""
     environ = {**os.environ, **(env or {})}
-    return subprocess.Popen(serve_command(spec, host, port), cwd=ROOT, env={**environ, **own_home(spec.name, port, environ)},
-                            start_new_session=True, stdout=log_file, stderr=subprocess.STDOUT if log_file else None)
+    environ.update(own_home(spec.name, port, environ))
+    return subprocess.Popen(serve_command(spec, host, port), cwd=ROOT, env=environ, start_new_session=True,
+                            stdout=log_file, stderr=subprocess.STDOUT if log_file else None)
 
 
 def wait_ready(url: str, process: subprocess.Popen, timeout: float) -> bool:

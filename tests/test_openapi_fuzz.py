@@ -23,6 +23,7 @@ def test_generated_requests_get_no_5xx_and_match_the_document(name, tmp_path):
     with running_service(name, tmp_path, env=env) as server:
         result = subprocess.run([sys.executable, "-m", "schemathesis.cli", "run", f"{server.url}/docs.json",
                                  "--checks", CHECKS, "--max-examples", "60", "--seed", "1",
-                                 "--request-timeout", "30"], capture_output=True, text=True, timeout=600)
+                                 "--request-timeout", "30"], cwd=tmp_path,  # its cache folder goes there
+                                capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     assert " passed" in result.stdout and "generated" in result.stdout

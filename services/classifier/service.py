@@ -101,10 +101,10 @@ class Classifier:
                 store = open_store(self.store_url, self.pgvector)
                 break
             except (StoreError, ValueError, OSError, ImportError) as exc:
-                self.state_failure = f"taught-examples store {self.redacted_url()} cannot be opened: {exc}"
-                if self.state_failure != said:
-                    log.error("classifier: NOT READY - %s (retrying every 2 s)", self.state_failure)
-                    said = self.state_failure
+                why = f"taught-examples store {self.redacted_url()} cannot be opened: {exc}"
+                if why != said:
+                    self.not_ready(why + " (retrying every 2 s)")
+                    said = why
                 self.first_attempt.set()
                 if isinstance(exc, ValueError):
                     return  # a wrong TEACH_STORE: retrying will not help
@@ -112,19 +112,19 @@ class Classifier:
         try:
             self.import_legacy(store)
         except (StoreError, ValueError, OSError, TooManyExamples) as exc:
-            self.state_failure = f"taught state {self.legacy_state} cannot be read: {exc}"
-            log.error("classifier: NOT READY - %s", self.state_failure)
-            return
+            return self.not_ready(f"taught state {self.legacy_state} cannot be read: {exc}")
         try:
             matcher = Matcher(store)
             teach_model = self.runtime.get(self.teach_model_name)
             matcher.prepare(teach_model.card["sha256"], embedding_dim(teach_model))  # cache or index, before ready
         except (StoreError, ApiError) as exc:
-            self.state_failure = f"taught examples cannot be prepared for search: {getattr(exc, 'message', exc)}"
-            log.error("classifier: NOT READY - %s", self.state_failure)
-            return
+            return self.not_ready(f"taught examples cannot be prepared for search: {getattr(exc, 'message', exc)}")
         self.matcher, self.store, self.state_failure = matcher, store, None
         log.info("classifier: taught examples in %s (%s)", self.redacted_url(), store.describe()["search"])
+
+    def not_ready(self, why: str) -> None:
+        self.state_failure = why
+        log.error("classifier: NOT READY - %s", why)
 
     def import_legacy(self, store) -> None:
         if not self.legacy_state.exists():

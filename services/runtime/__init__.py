@@ -25,11 +25,8 @@ def add_http_layer(service, name: str, settings: Settings | None = None,
             spec.model_rebuild(force=True)
             json_routes.add(api.route)
     settings = settings or Settings.from_env(name)
-    service.add_asgi_middleware(ServiceHttp, service=name, max_body_bytes=settings.max_body_bytes,
-                                api_key=settings.api_key, body_limits=body_limits, json_routes=json_routes,
-                                allowed_origins=settings.allowed_origins, allowed_hosts=settings.allowed_hosts,
-                                request_timeout=settings.request_timeout, body_timeout=settings.body_timeout,
-                                error_statuses=error_statuses)
+    service.add_asgi_middleware(ServiceHttp, service=name, settings=settings, body_limits=body_limits,
+                                json_routes=json_routes, error_statuses=error_statuses)
     connections.install(settings.header_timeout)  # before uvicorn accepts the first connection
 
 

@@ -30,10 +30,6 @@ def _float(name: str, default: float) -> float:
         raise ValueError(f"{name}={raw!r} is not a number") from None
 
 
-def workers() -> int:
-    return _int("WORKERS", 1, minimum=1)
-
-
 def _positive(name: str, default: float) -> float:
     value = _float(name, default)
     if not value > 0:
@@ -113,7 +109,7 @@ class Settings:
             infer_threads=_int("INFER_THREADS", cls.infer_threads),
             warmup_min_seconds=_float("WARMUP_MIN_SECONDS", cls.warmup_min_seconds),
             model_versions=_pins(os.environ.get("MODEL_VERSIONS", "")),
-            workers=workers(),
+            workers=_int("WORKERS", 1, minimum=1),
             request_timeout=_positive("REQUEST_TIMEOUT", SERVICE_DEFAULTS.get(service, {}).get(
                 "request_timeout", cls.request_timeout)),
             body_timeout=_positive("BODY_TIMEOUT", cls.body_timeout),

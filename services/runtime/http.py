@@ -30,6 +30,7 @@ import json
 import logging
 from urllib.parse import urlsplit
 
+from services.runtime.config import Settings
 from services.runtime.errors import clip, error_body, shown
 from services.runtime.metrics import metrics
 from services.runtime.openapi import describe_errors
@@ -59,18 +60,15 @@ DOCS_POLICY = b"default-src 'self'; img-src 'self' data:; style-src 'self' 'unsa
 
 
 class ServiceHttp:
-    def __init__(self, app, service: str, max_body_bytes: int, api_key: str | None,
-                 body_limits: dict[str, int] | None = None, json_routes: set[str] | None = None,
-                 allowed_origins: tuple[str, ...] = (), allowed_hosts: tuple[str, ...] = ("*",),
-                 request_timeout: float = 60.0, body_timeout: float = 60.0,
-                 error_statuses: dict[str, str] | None = None):
-        self.app, self.service, self.max_body_bytes = app, service, max_body_bytes
-        self.api_key = api_key.encode() if api_key else None
+    def __init__(self, app, service: str, settings: Settings, body_limits: dict[str, int] | None = None,
+                 json_routes: set[str] | None = None, error_statuses: dict[str, str] | None = None):
+        self.app, self.service, self.max_body_bytes = app, service, settings.max_body_bytes
+        self.api_key = settings.api_key.encode() if settings.api_key else None
         self.body_limits = body_limits or {}  # route -> its own limit (the classifier's /state/import)
         self.json_routes = json_routes or set()
-        self.allowed_origins = {o.rstrip("/").lower() for o in allowed_origins}
-        self.allowed_hosts = {h.lower() for h in allowed_hosts}
-        self.request_timeout, self.body_timeout = request_timeout, body_timeout
+        self.allowed_origins = {o.rstrip("/").lower() for o in settings.allowed_origins}
+        self.allowed_hosts = {h.lower() for h in settings.allowed_hosts}
+        self.request_timeout, self.body_timeout = settings.request_timeout, settings.body_timeout
         self.error_statuses = error_statuses or {}  # a service's own, beyond openapi.POST_ERRORS
 
     async def __call__(self, scope, receive, send):
