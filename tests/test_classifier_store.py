@@ -239,3 +239,39 @@ def test_workers_opening_a_new_database_at_once_all_succeed(store_url):
     for thread in threads:
         thread.join()
     assert not errors, errors
+
+
+def test_a_worker_opening_the_store_while_another_teaches_does_not_deadlock(postgres):
+    """Seen in CI: a worker's schema statements (CREATE INDEX IF NOT EXISTS locks the table even
+    when the index exists) met a teach in progress, and PostgreSQL killed one as a deadlock."""
+    import threading
+
+    import psycopg
+
+    url = postgres.create_database(f"t{uuid.uuid4().hex[:12]}")
+    first = open_store(url)
+    first.add([make("ann", rng_vectors(1)[0])], limit=10)
+    teach = psycopg.connect(url, autocommit=True)
+    try:
+        teach.execute("SET deadlock_timeout = '100ms'")
+        teach.execute("BEGIN")  # a teach half-way: it holds the counter's row, then inserts an example
+        teach.execute("UPDATE taught_meta SET value = value + 1 WHERE key = 'generation'")
+        errors = []
+
+        def open_second():
+            try:
+                open_store(url).close()
+            except Exception as exc:  # noqa: BLE001 - collected for the assertion
+                errors.append(exc)
+
+        opener = threading.Thread(target=open_second)
+        opener.start()
+        opener.join(0.5)  # the second store is opening (or already open)
+        teach.execute("INSERT INTO taught_examples (id, name, model, model_sha256, embedding, source, taught, seq) "
+                      "VALUES ('x', 'bob', 'm', %s, %s, '', '', 0)", (SHA, b"\0" * 4 * DIM))
+        teach.execute("COMMIT")
+        opener.join(30)
+        assert not opener.is_alive() and not errors, errors
+    finally:
+        teach.close()
+    assert open_store(url).counts() == {"ann": 1, "bob": 1}

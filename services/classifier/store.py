@@ -78,6 +78,7 @@ SCHEMA = [
     "WHERE true GROUP BY model_sha256 ON CONFLICT (key) DO NOTHING",
 ]
 COLUMNS = "id, name, model, model_sha256, embedding, source, taught"
+SCHEMA_ATTEMPTS = 5
 
 
 class SqlStore:
@@ -90,10 +91,24 @@ class SqlStore:
         self.url = url
         self._lock = threading.Lock()  # one connection per process, used from worker threads
         self._connection = None
+        for attempt in range(1, SCHEMA_ATTEMPTS + 1):
+            try:
+                self._create_schema()
+                break
+            except StoreError as exc:
+                # A worker that starts while others teach can be picked as a deadlock victim (or
+                # time out on a lock): that clears by itself, so try again before saying so.
+                if attempt == SCHEMA_ATTEMPTS or not self._is_transient(exc.__cause__):
+                    raise
+                log.info("classifier: opening the store met a busy database (%s); trying again", exc.__cause__)
+                time.sleep(0.2 * attempt)
+
+    def _create_schema(self) -> None:
         with self._write() as cursor:
             self._lock_schema(cursor)
-            for statement in SCHEMA:
-                cursor.execute(self._sql(statement.format(blob=self.blob)))
+            if not self._schema_in_place(cursor):
+                for statement in SCHEMA:
+                    cursor.execute(self._sql(statement.format(blob=self.blob)))
             self._extend_schema(cursor)
 
     # What a back-end provides -------------------------------------------------------------
@@ -112,8 +127,14 @@ class SqlStore:
     def _lock_schema(self, cursor) -> None:
         pass  # SQLite: BEGIN IMMEDIATE already lets one writer in at a time
 
+    def _schema_in_place(self, cursor) -> bool:
+        return False  # SQLite: the IF NOT EXISTS statements are cheap and take no extra locks
+
     def _extend_schema(self, cursor) -> None:
         pass
+
+    def _is_transient(self, exc: BaseException | None) -> bool:
+        return False
 
     def describe(self) -> dict:
         raise NotImplementedError
@@ -395,6 +416,21 @@ class PostgresStore(SqlStore):
         # Workers and replicas that start together would race on CREATE TABLE; one at a time.
         cursor.execute("SELECT pg_advisory_xact_lock(7203311)")
 
+    def _schema_in_place(self, cursor) -> bool:
+        # CREATE INDEX IF NOT EXISTS and ALTER TABLE lock the table even when there is nothing to
+        # do: a worker starting while another teaches deadlocked with it (seen in CI). Look first.
+        cursor.execute("SELECT to_regclass('taught_examples'), to_regclass('taught_examples_model_seq'), "
+                       "to_regclass('taught_examples_name'), to_regclass('taught_meta')")
+        if any(name is None for name in cursor.fetchone()):
+            return False
+        cursor.execute("SELECT COUNT(*) FROM taught_meta WHERE key IN ('generation', 'examples')")
+        return cursor.fetchone()[0] == 2
+
+    def _is_transient(self, exc: BaseException | None) -> bool:
+        from psycopg import errors
+
+        return isinstance(exc, (errors.DeadlockDetected, errors.SerializationFailure, errors.LockNotAvailable))
+
     def _extend_schema(self, cursor) -> None:
         if self.use_pgvector == "off":
             return
@@ -405,11 +441,18 @@ class PostgresStore(SqlStore):
                                  "in this PostgreSQL")
             log.info("classifier: pgvector is not installed; searching a replica-local cache")
             return
-        cursor.execute("CREATE EXTENSION IF NOT EXISTS vector")
-        cursor.execute("ALTER TABLE taught_examples ADD COLUMN IF NOT EXISTS vec vector")
-        # Vectors stay in the row (compressed only if a row must shrink): a search reads every
-        # vector, and fetching out-of-line (TOASTed) ones made exact search 3-4x slower.
-        cursor.execute("ALTER TABLE taught_examples ALTER COLUMN vec SET STORAGE MAIN")
+        cursor.execute("SELECT 1 FROM pg_extension WHERE extname = 'vector'")
+        if cursor.fetchone() is None:
+            cursor.execute("CREATE EXTENSION IF NOT EXISTS vector")
+        cursor.execute("SELECT attstorage FROM pg_attribute WHERE attrelid = 'taught_examples'::regclass "
+                       "AND attname = 'vec' AND NOT attisdropped")
+        storage = cursor.fetchone()
+        if storage is None:
+            cursor.execute("ALTER TABLE taught_examples ADD COLUMN IF NOT EXISTS vec vector")
+        if storage is None or storage[0] != "m":
+            # Vectors stay in the row (compressed only if a row must shrink): a search reads every
+            # vector, and fetching out-of-line (TOASTed) ones made exact search 3-4x slower.
+            cursor.execute("ALTER TABLE taught_examples ALTER COLUMN vec SET STORAGE MAIN")
         # Rows written before pgvector was there (or with TEACH_PGVECTOR=off) get their vector now.
         cursor.execute("SELECT id, embedding FROM taught_examples WHERE vec IS NULL")
         missing = cursor.fetchall()
