@@ -221,10 +221,14 @@ class SqlStore:
             cursor.execute("SELECT value FROM taught_meta WHERE key = 'generation'")
             return int(cursor.fetchone()[0])
 
-    def counts(self) -> dict[str, int]:
-        """Names with their example counts, every model together."""
+    def counts(self, model_sha256: str | None = None) -> dict[str, int]:
+        """Names with their example counts: of one model (its file's sha256), or of every model."""
         with self._read() as cursor:
-            cursor.execute("SELECT name, COUNT(*) FROM taught_examples GROUP BY name ORDER BY name")
+            if model_sha256 is None:
+                cursor.execute("SELECT name, COUNT(*) FROM taught_examples GROUP BY name ORDER BY name")
+            else:
+                cursor.execute(self._sql("SELECT name, COUNT(*) FROM taught_examples WHERE model_sha256 = ? "
+                                         "GROUP BY name ORDER BY name"), (model_sha256,))
             return {name: int(count) for name, count in cursor.fetchall()}
 
     def count(self, model_sha256: str | None = None) -> int:
@@ -275,14 +279,23 @@ class SqlStore:
         with self._write() as cursor:
             self._count_change(cursor, len(examples), limit)
             self._insert(cursor, examples, self._bump(cursor))
-            cursor.execute(self._sql("SELECT COUNT(*) FROM taught_examples WHERE name = ?"), (examples[0].name,))
+            cursor.execute(self._sql("SELECT COUNT(*) FROM taught_examples WHERE name = ? AND model_sha256 = ?"),
+                           (examples[0].name, examples[0].model_sha256))
             return int(cursor.fetchone()[0])
 
-    def forget(self, *, name: str | None = None, id: str | None = None) -> int:  # noqa: A002 - the API's word
+    @staticmethod
+    def _where(column: str, model_sha256: str | None) -> str:
+        """Rows by name or id; a name only within one model when given (a face and a jacket may
+        share a name), an id anywhere (ids are unique)."""
+        return f"{column} = ?" + (" AND model_sha256 = ?" if model_sha256 is not None else "")
+
+    def forget(self, *, name: str | None = None, id: str | None = None,  # noqa: A002 - the API's word
+               model_sha256: str | None = None) -> int:
         column, value = ("name", name) if name is not None else ("id", id)
+        args = (value,) if model_sha256 is None else (value, model_sha256)
         with self._write() as cursor:
-            cursor.execute(self._sql(f"DELETE FROM taught_examples WHERE {column} = ? RETURNING model_sha256"),
-                           (value,))
+            cursor.execute(self._sql(f"DELETE FROM taught_examples WHERE {self._where(column, model_sha256)} "
+                                     "RETURNING model_sha256"), args)
             gone = Counter(row[0] for row in cursor.fetchall())
             removed = sum(gone.values())
             if not removed:
@@ -292,12 +305,14 @@ class SqlStore:
             self._bump(cursor)
             return removed
 
-    def rename(self, new_name: str, *, name: str | None = None, id: str | None = None) -> int:  # noqa: A002
+    def rename(self, new_name: str, *, name: str | None = None, id: str | None = None,  # noqa: A002
+               model_sha256: str | None = None) -> int:
         column, value = ("name", name) if name is not None else ("id", id)
+        args = (value,) if model_sha256 is None else (value, model_sha256)
         with self._write() as cursor:
             seq = self._bump(cursor)
-            cursor.execute(self._sql(f"UPDATE taught_examples SET name = ?, seq = ? WHERE {column} = ?"),
-                           (new_name, seq, value))
+            cursor.execute(self._sql(f"UPDATE taught_examples SET name = ?, seq = ? "
+                                     f"WHERE {self._where(column, model_sha256)}"), (new_name, seq, *args))
             if not cursor.rowcount:
                 raise KeyError(column)
             return cursor.rowcount
