@@ -2,6 +2,7 @@
 
     self.runtime = Runtime(service="policy", kind="policy")   # in the service's __init__
     model = self.runtime.get(name)                           # 404 / 400 / 503 as ApiError
+    model = self.runtime.get(None, kind="face_detector")     # the only model of that kind
     outputs = await model(rows)                              # adaptive batching, metrics
 
 A service is ready (its /readyz answers 200) only once every model of its kind in the
@@ -60,7 +61,11 @@ class LoadedModel:
         m = metrics()
         self._timer = m["inference_seconds"].labels(service, entry.name, entry.version, self.provider)
         self._batch_sizes = m["batch_size"].labels(service, entry.name)
-        self.batcher = DynamicBatcher(self.run, enabled=settings.batching, max_rows=settings.batch_max_rows,
+        # A card may cap the rows of one merged batch (a 512x512 detector batch of 512 rows
+        # would take gigabytes); the smaller of it and BATCH_MAX_ROWS applies.
+        self.max_rows = min(settings.batch_max_rows, int(entry.card.get("contract", {}).get("max_batch_rows") or
+                                                         settings.batch_max_rows))
+        self.batcher = DynamicBatcher(self.run, enabled=settings.batching, max_rows=self.max_rows,
                                       wait_ms=settings.batch_wait_ms, on_batch=self._batch_sizes.observe,
                                       name=entry.name)
 
@@ -92,6 +97,7 @@ class LoadedModel:
         return {
             "name": self.name,
             "version": self.version,
+            "kind": card.get("kind"),
             "sha256": card.get("sha256"),
             "provider": self.provider,
             "provider_reason": self.provider_reason,
@@ -103,7 +109,7 @@ class LoadedModel:
 
 
 class Runtime:
-    def __init__(self, service: str, kind: str, settings: Settings | None = None):
+    def __init__(self, service: str, kind: str | tuple[str, ...], settings: Settings | None = None):
         _log_to_stderr()
         self.service, self.kind = service, kind
         self.settings = settings or Settings.from_env(service)
@@ -132,7 +138,8 @@ class Runtime:
             for name in names:
                 entry = repository.resolve(repo, name, self.settings.model_versions.get(name), kind=self.kind)
                 model = LoadedModel(self.service, entry, self.settings)
-                model.warm_up(sorted({1, self.settings.max_batch_size}), self.settings.warmup_min_seconds)
+                model.warm_up(sorted({1, min(self.settings.max_batch_size, model.max_rows)}),
+                              self.settings.warmup_min_seconds)
                 metrics()["model_info"].labels(self.service, name, entry.version, entry.card["sha256"],
                                                model.provider).set(1)
                 loaded[name] = model
@@ -156,18 +163,18 @@ class Runtime:
 
     # Requests --------------------------------------------------------------------------
 
-    def get(self, name: str | None) -> LoadedModel:
-        """The model a request names, or the only one; ApiError otherwise."""
+    def get(self, name: str | None, kind: str | None = None) -> LoadedModel:
+        """The model a request names, or the only one (of `kind`, when given); ApiError otherwise."""
         if not self.ready:
             raise ApiError(503, "not_ready", self.failure or "models are still loading; retry shortly")
+        candidates = sorted(n for n, m in self.models.items() if kind is None or m.card.get("kind") == kind)
         if name is None:
-            if len(self.models) == 1:
-                return next(iter(self.models.values()))
-            raise ApiError(400, "model_required", f"name a model: this service serves {sorted(self.models)}",
-                           field="model")
-        model = self.models.get(name)
+            if len(candidates) == 1:
+                return self.models[candidates[0]]
+            raise ApiError(400, "model_required", f"name a model: this endpoint serves {candidates}", field="model")
+        model = self.models.get(name) if name in candidates else None
         if model is None:
-            raise ApiError(404, "model_not_found", f"no model {shown(name)}; this service serves {sorted(self.models)}",
+            raise ApiError(404, "model_not_found", f"no model {shown(name)}; this endpoint serves {candidates}",
                            field="model")
         return model
 

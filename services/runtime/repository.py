@@ -75,7 +75,8 @@ def list_models(repository: Path) -> list[str]:
     return [d.name for d in sorted(Path(repository).iterdir()) if version_dirs(d)]
 
 
-def resolve(repository: Path, name: str, pinned: str | None = None, kind: str | None = None) -> ModelEntry:
+def resolve(repository: Path, name: str, pinned: str | None = None,
+            kind: str | tuple[str, ...] | None = None) -> ModelEntry:
     """The pinned version of a model, or its newest; verified against its card."""
     model_dir = Path(repository) / name
     if pinned:
@@ -90,11 +91,12 @@ def resolve(repository: Path, name: str, pinned: str | None = None, kind: str | 
     return verify(name, version_dir, kind)
 
 
-def verify(name: str, version_dir: Path, kind: str | None = None) -> ModelEntry:
+def verify(name: str, version_dir: Path, kind: str | tuple[str, ...] | None = None) -> ModelEntry:
     card = _read_card(version_dir / CARD_FILE)
-    if kind is not None and card.get("kind") != kind:
+    kinds = (kind,) if isinstance(kind, str) else kind
+    if kinds is not None and card.get("kind") not in kinds:
         raise ModelLoadError(f"model {name}: card {version_dir / CARD_FILE} is of kind {card.get('kind')!r}, "
-                             f"this repository serves {kind!r}")
+                             f"this repository serves {' or '.join(map(repr, kinds))}")
     model_path = version_dir / card.get("file", MODEL_FILE)
     expected = card.get("sha256")
     if not expected:
