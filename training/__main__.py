@@ -5,13 +5,15 @@
   play     drive a gymnasium environment with a served policy over HTTP (training/play.py)
   classifier  fine-tune, evaluate and export an image classifier (training/classifier.py)
   evidence    pretrained vs scratch at 10, 100 and all images per class (training/evidence.py)
+  faces       port face-api's face networks to ONNX, check them against face-api and dlib (training/faces/)
 """
 
 import importlib
 import sys
 
 COMMANDS = {"policy": "training.policy", "play": "training.play", "gan": "training.gan",
-            "classifier": "training.classifier", "evidence": "training.evidence"}
+            "classifier": "training.classifier", "evidence": "training.evidence",
+            "faces": "training.faces.export"}
 
 
 def main() -> None:

@@ -1,0 +1,129 @@
+"""The face pipeline measured on every labelled face photo this machine has (tests/fixtures/faces:
+three photos of one person and a partial face of him, one of another, two group photos of
+other people): same- and different-person distances, the threshold, the errors it makes,
+robustness to re-encoding, flipping, shifting and resizing, and agreement with dlib end to end.
+
+    python -m training.faces.evaluate            # prints the figures the `faces` card records
+
+It runs the exported ONNX files with onnxruntime and services/face_geometry.py: the served
+pipeline's own steps, without the service (training never imports a service).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import sys
+from itertools import combinations
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+from PIL import Image
+
+from services import face_geometry, imaging
+from services.runtime.repository import resolve
+
+FIXTURES = Path(__file__).resolve().parents[2] / "tests" / "fixtures" / "faces"
+PEOPLE = {"obama": "obama", "obama2": "obama", "obama3": "obama", "obama_partial_face": "obama", "biden": "biden"}
+DLIB_THRESHOLD = 0.6  # dlib's, on raw (not unit-length) descriptors
+
+
+def load_photo(path: Path | str) -> np.ndarray:
+    return imaging.rgb_array(imaging.decode(Path(path).read_bytes()))
+
+
+class Pipeline:
+    """detect -> landmarks -> align -> describe, synchronously, on onnxruntime's CPU provider."""
+
+    def __init__(self, models_dir: Path, descriptor_path: Path | None = None):
+        def session(name: str, path: Path | None = None):
+            path = path or resolve(models_dir, name).path
+            return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+        self.detector, self.landmarks = session("face_detector"), session("face_landmarks")
+        self.descriptor = session("faces", descriptor_path)
+
+    def faces(self, rgb: np.ndarray) -> list[np.ndarray]:
+        """68 landmarks of every face, biggest first."""
+        net_input, size = face_geometry.detector_input(rgb)
+        boxes, scores = self.detector.run(None, {"image": net_input})
+        found = sorted(face_geometry.detections(boxes[0], scores[0], size), key=lambda f: -min(f[2] - f[0], f[3] - f[1]))
+        points = []
+        for x0, y0, x1, y1, _ in found:
+            face, crop = face_geometry.landmark_input(rgb, (x0, y0, x1 - x0, y1 - y0))
+            points.append(face_geometry.landmark_points(self.landmarks.run(None, {"face": face})[0][0], crop))
+        return points
+
+    def describe(self, rgb: np.ndarray, points: np.ndarray) -> np.ndarray:
+        chip = face_geometry.align(rgb, points).transpose(2, 0, 1)[None].astype(np.float32)
+        return self.descriptor.run(None, {"chip": chip})[0][0]
+
+    def biggest(self, rgb: np.ndarray) -> np.ndarray:
+        return self.describe(rgb, self.faces(rgb)[0])
+
+
+def unit(v: np.ndarray) -> np.ndarray:
+    return v / np.linalg.norm(v)
+
+
+def variants(rgb: np.ndarray) -> dict[str, np.ndarray]:
+    image = Image.fromarray(rgb)
+    jpeg = io.BytesIO()
+    image.save(jpeg, "JPEG", quality=50)
+    w, h = image.size
+    shifted = Image.new("RGB", (w, h))
+    shifted.paste(image.crop((0, 0, w - w // 10, h - h // 10)), (w // 10, h // 10))
+    return {"jpeg_quality_50": np.asarray(Image.open(jpeg).convert("RGB")), "flipped": rgb[:, ::-1].copy(),
+            "shifted_10_percent": np.asarray(shifted),
+            "half_size": np.asarray(image.resize((w // 2, h // 2), Image.Resampling.LANCZOS))}
+
+
+def evaluate(models_dir: Path, descriptor_path: Path | None = None) -> dict:
+    pipeline = Pipeline(Path(models_dir), descriptor_path)
+    raw = {name: pipeline.biggest(load_photo(FIXTURES / f"{name}.jpg")) for name in PEOPLE}
+    others = {}  # every face of the group photos: people who are neither of the two, unnamed
+    for group in ("group_1", "group_2"):
+        rgb = load_photo(FIXTURES / f"{group}.jpg")
+        others |= {f"{group}#{i}": pipeline.describe(rgb, p) for i, p in enumerate(pipeline.faces(rgb))}
+    norms = [float(np.linalg.norm(v)) for v in [*raw.values(), *others.values()]]
+    # dlib's 0.6 holds for its raw descriptors; the service stores unit-length ones, so the same
+    # rule there is 0.6 divided by the descriptors' typical length.
+    threshold = round(DLIB_THRESHOLD / float(np.mean(norms)), 3)
+    vectors = {name: unit(v) for name, v in (raw | others).items()}
+    same, different = [], []
+    for a, b in combinations(vectors, 2):
+        distance = (a, b, round(float(np.linalg.norm(vectors[a] - vectors[b])), 4))
+        if a in PEOPLE and b in PEOPLE:
+            (same if PEOPLE[a] == PEOPLE[b] else different).append(distance)
+        elif a in PEOPLE or a.split("#")[0] == b.split("#")[0]:  # a named person and a stranger, or two
+            different.append(distance)                            # people in one photo: different people
+        # two strangers from different group photos: nobody knows, so the pair is not counted
+    original = load_photo(FIXTURES / "obama.jpg")
+    robustness = {kind: round(float(np.linalg.norm(unit(pipeline.biggest(rgb)) - vectors["obama"])), 4)
+                  for kind, rgb in variants(original).items()}
+    dlib = np.load(FIXTURES / "descriptor_reference.npz")
+    dlib_names = list(dlib["names"])
+    end_to_end = {name: round(float(np.linalg.norm(unit(raw[name]) - unit(dlib["dlib"][dlib_names.index(name)]))), 4)
+                  for name in PEOPLE}
+    return {
+        "threshold": {"distance": threshold, "from": f"dlib's {DLIB_THRESHOLD} on raw descriptors / their mean "
+                      f"length {np.mean(norms):.3f} over {len(norms)} faces", "metric": "euclidean, unit-length"},
+        "verification": {
+            "photos": "tests/fixtures/faces: 4 photos of Obama (one a partial face), 1 of Biden, 6 faces of other "
+                      "people in 2 group photos (face_recognition 1.3.0's and face-api's test and demo images); "
+                      "pairs of strangers from different group photos are not counted (their identity is unknown)",
+            "same_person": same, "different_person_pairs": len(different),
+            "different_person_min": min(different, key=lambda d: d[2]),
+            "same_person_max": max(same, key=lambda d: d[2]),
+            "false_non_matches": sum(d[2] > threshold for d in same),
+            "false_matches": sum(d[2] <= threshold for d in different)},
+        "robustness_distance_to_original": robustness,
+        "end_to_end_vs_dlib": {"distance_unit_length": end_to_end,
+                               "note": "our detector, landmarks and alignment against dlib's HOG detector, 5-point "
+                                       "landmarks and chip, each then described (ours by the ONNX port)"},
+    }
+
+
+if __name__ == "__main__":
+    print(json.dumps(evaluate(Path(sys.argv[1]) if len(sys.argv) > 1 else Path("models/classifier")), indent=2))
