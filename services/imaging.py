@@ -136,6 +136,11 @@ def prepare(image: Image.Image, size: int, colour: str, background: tuple[int, i
     return np.ascontiguousarray(array)
 
 
+def rgb_array(image: Image.Image, background: tuple[int, int, int] = (255, 255, 255)) -> np.ndarray:
+    """A decoded image at its own size -> uint8 [H, W, 3] RGB (alpha composited onto white)."""
+    return np.ascontiguousarray(np.asarray(_flatten(image, background).convert("RGB"), dtype=np.uint8))
+
+
 def normalise(pixels: np.ndarray, mean, std) -> np.ndarray:
     """uint8 [N, H, W, 3] -> float32 [N, 3, H, W]: (pixel / 255 - mean) / std."""
     x = pixels.astype(np.float32) / np.float32(255.0)

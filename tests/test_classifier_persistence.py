@@ -44,7 +44,7 @@ def check(server, files):
 
 
 def env_for(store: str, **extra) -> dict:
-    return {"MODELS_DIR": str(MODELS_DIR), "TEACH_STORE": store, **extra}
+    return {"MODELS_DIR": str(MODELS_DIR), "TEACH_STORE": store, "TEACH_MODEL": "fashion", **extra}
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

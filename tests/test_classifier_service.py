@@ -18,7 +18,8 @@ from conftest import MODELS, running_service
 MODELS_DIR = Path(os.environ.get("CLASSIFIER_TEST_MODELS_DIR", MODELS))  # to try a candidate repository
 VERSION_DIR = MODELS_DIR / "classifier" / "fashion" / "1"
 LIMITS = {"MAX_IMAGES_PER_REQUEST": "10", "MAX_IMAGE_BYTES": "300000", "MAX_IMAGE_PIXELS": "4000000",
-          "MAX_BODY_BYTES": "3000000", "MAX_TAUGHT_EXAMPLES": "40"}
+          "MAX_BODY_BYTES": "3000000", "MAX_TAUGHT_EXAMPLES": "40",
+          "TEACH_MODEL": "fashion"}  # teach/check clothing here; tests/test_faces.py teaches faces
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +94,7 @@ def test_teach_one_image_then_check_similar_rename_forget(server):
     r = post(server, "/teach", upload([png(bag)]), {"name": "my bag"})
     assert r.status_code == 200, r.text
     taught_id = r.json()["ids"][0]
-    assert r.json() == {"name": "my bag", "ids": [taught_id], "examples": 1}
+    assert r.json() == {"name": "my bag", "ids": [taught_id], "examples": 1, "model": "fashion"}
 
     results = post(server, "/check", upload([augmented(bag), png(trouser)])).json()
     same, unrelated = results["results"]

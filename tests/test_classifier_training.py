@@ -74,7 +74,7 @@ def test_trained_model_is_served_exactly_as_offline(trained, tmp_path):
     expected = Offline(out).probabilities(list(files.values()))
     for served, probs in zip(body["predictions"], expected):
         np.testing.assert_allclose([p["score"] for p in served], np.sort(probs)[::-1][:3], atol=1e-5)
-    assert info["teach"]["threshold"] == json.loads((out / "model.json").read_text())["contract"]["match_threshold"]
+    assert info["teach"]["models"][0]["threshold"] == json.loads((out / "model.json").read_text())["contract"]["match_threshold"]
 
 
 def test_image_folder_training_with_a_linear_probe(tmp_path):

@@ -13,6 +13,7 @@ import json
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import requests
@@ -134,6 +135,9 @@ def test_generator_endpoints(stack):
     assert again["images"] == body["images"], "the same seed gave other bytes after a restart"
 
 
+FACES = Path(__file__).parent / "fixtures" / "faces"
+
+
 def fashion_png(index: int) -> bytes:
     from loadtests.classifier_data import encode
     from training.datasets import load_fashion_mnist
@@ -152,22 +156,32 @@ def test_classifier_endpoints_and_taught_state_survives_a_restart(stack):
     assert [len(p) for p in r.json()["predictions"]] == [2, 2]
     r = requests.post(f"{url}/embed", files=upload)
     assert r.status_code == 200 and len(r.json()["embeddings"]) == 2
-    taught = requests.post(f"{url}/teach", files=[("images", ("s.png", shirt, "image/png"))], data={"name": "my-shirt"})
+    fashion = {"model": "fashion"}
+    taught = requests.post(f"{url}/teach", files=[("images", ("s.png", shirt, "image/png"))],
+                           data={"name": "my-shirt", **fashion})
     assert taught.status_code == 200, taught.text
-    check = requests.post(f"{url}/check", files=upload).json()["results"]
+    check = requests.post(f"{url}/check", files=upload, data=fashion).json()["results"]
     assert check[0]["name"] == "my-shirt" and check[0]["matched"] is True
-    assert requests.post(f"{url}/similar", files=[("images", ("s.png", shirt, "image/png"))]).status_code == 200
+    assert requests.post(f"{url}/similar", files=[("images", ("s.png", shirt, "image/png"))],
+                         data=fashion).status_code == 200
     bad = requests.post(f"{url}/classify", files=[("images", ("x.png", b"not an image", "image/png"))])
     assert 400 <= bad.status_code < 500 and bad.json()["error"]["field"]
+    # faces, the default teach model: one photo taught, the person recognised in another
+    face = requests.post(f"{url}/teach", files=[("images", ("o.jpg", FACES.joinpath("obama.jpg").read_bytes()))],
+                         data={"name": "obama"})
+    assert face.status_code == 200, face.text
+    seen = requests.post(f"{url}/check", files=[("images", ("o2.jpg", FACES.joinpath("obama2.jpg").read_bytes()))])
+    assert seen.json()["results"][0]["faces"][0]["name"] == "obama", seen.text
 
     stack.compose("restart", "classifier")
     stack.wait_healthy(["classifier"])
-    names = requests.post(f"{url}/taught", json={}).json()["names"]
+    names = requests.post(f"{url}/taught", json=fashion).json()["names"]
     assert {"name": "my-shirt", "examples": 1} in names, names
-    assert requests.post(f"{url}/rename", json={"name": "my-shirt", "new_name": "shirt-1"}).status_code == 200
+    assert {"name": "obama", "examples": 1} in requests.post(f"{url}/taught", json={}).json()["names"]
+    assert requests.post(f"{url}/rename", json={"name": "my-shirt", "new_name": "shirt-1", **fashion}).status_code == 200
     exported = requests.post(f"{url}/state/export", json={})
     assert exported.status_code == 200 and "shirt-1" in json.dumps(exported.json())
-    assert requests.post(f"{url}/forget", json={"name": "shirt-1"}).json()["forgotten"] == 1
+    assert requests.post(f"{url}/forget", json={"name": "shirt-1", **fashion}).json()["forgotten"] == 1
 
 
 @needs("classifier")
@@ -185,20 +199,20 @@ def test_postgres_variant_two_classifier_replicas_share_what_is_taught(stack):
         store = requests.get(f"{two}/info").json()["teach"]["store"]
         assert (store["backend"], store["host"], store["search"]) == ("postgresql", "postgres",
                                                                       "pgvector exact (in the database)")
-        shirt = [("images", ("s.png", fashion_png(1), "image/png"))]
-        taught = requests.post(f"{one}/teach", files=shirt, data={"name": "shared-shirt"})
+        shirt, fashion = [("images", ("s.png", fashion_png(1), "image/png"))], {"model": "fashion"}
+        taught = requests.post(f"{one}/teach", files=shirt, data={"name": "shared-shirt", **fashion})
         assert taught.status_code == 200, taught.text
-        seen = requests.post(f"{two}/check", files=shirt).json()["results"][0]  # the other replica, next request
+        seen = requests.post(f"{two}/check", files=shirt, data=fashion).json()["results"][0]  # the other replica, next request
         assert (seen["name"], seen["id"], seen["matched"]) == ("shared-shirt", taught.json()["ids"][0], True)
 
         pg.compose("restart", "postgres")  # the replicas reconnect by themselves
         pg.wait_healthy(["postgres"])
         deadline = time.monotonic() + 60
-        while (r := requests.post(f"{two}/taught", json={})).status_code != 200 and time.monotonic() < deadline:
+        while (r := requests.post(f"{two}/taught", json=fashion)).status_code != 200 and time.monotonic() < deadline:
             time.sleep(1)
         assert {"name": "shared-shirt", "examples": 1} in r.json()["names"], r.text
-        assert requests.post(f"{two}/forget", json={"name": "shared-shirt"}).json() == {"forgotten": 1}
-        assert requests.post(f"{one}/check", files=shirt).json()["results"][0]["name"] is None
+        assert requests.post(f"{two}/forget", json={"name": "shared-shirt", **fashion}).json() == {"forgotten": 1}
+        assert requests.post(f"{one}/check", files=shirt, data=fashion).json()["results"][0]["name"] is None
     finally:
         pg.compose("down", "-v", "--remove-orphans", check=False)
 

@@ -1,15 +1,21 @@
-"""Image classifier service (port 3003): classes, embeddings and few-shot teach/check.
+"""Image classifier service (port 3003): classes, embeddings, faces and few-shot teach/check.
 
-    POST /classify   multipart: images (files), top_k         -> top-k labels per image
-    POST /embed      multipart: images                         -> L2-normalised embeddings
-    POST /teach      multipart: name, images                   -> ids of the taught examples
-    POST /check      multipart: images                         -> best taught name, confidence, matched
-    POST /similar    multipart: images, limit                  -> nearest taught examples
-    POST /taught     {}                                        -> names with example counts
-    POST /forget     {"name": ...} or {"id": ...}
-    POST /rename     {"name" or "id", "new_name"}
+    POST /classify      multipart: images (files), top_k      -> top-k labels per image (fashion)
+    POST /embed         multipart: images                      -> L2-normalised embeddings
+    POST /faces/detect  multipart: images                      -> faces: box, score, 68 landmarks
+    POST /teach         multipart: name, images [, model, face] -> ids of the taught examples
+    POST /check         multipart: images [, model]            -> best taught name per image or face
+    POST /similar       multipart: images, limit [, model]     -> nearest taught examples
+    POST /taught        {"model"?}                             -> names with example counts
+    POST /forget        {"name": ...} or {"id": ...}
+    POST /rename        {"name" or "id", "new_name"}
     POST /state/export, POST /state/import                     -> the taught state as JSON
-    GET  /info       model, contract, limits, threshold, store
+    GET  /info          models, contracts, limits, thresholds, store
+
+Teach/check work on one model's embedding at a time (`model`): `faces` (detect, align and
+describe each face, dlib's network; the default when the face networks are loaded) or
+`fashion` (the classifier's embedding of the whole image). Taught faces and taught clothing
+never mix: examples are stored with the model (and its sha256) that made them.
 
 Images are decoded with explicit limits (uploads.py, through services/imaging.py, the same
 code training used), so served predictions equal offline ones. Taught examples live in a
@@ -36,8 +42,10 @@ from pydantic import Field
 from services.classifier import state as taught_state
 from services.classifier.limits import Limits, check_name, import_bytes, int_field
 from services.classifier.matching import Matcher
+from services.classifier.faces import FACE_KINDS, Face, FaceLimits, FacePipeline
 from services.classifier.store import Example, StoreError, TooManyExamples, open_store
-from services.classifier.uploads import ClassifyUpload, EmbedUpload, SimilarUpload, TeachUpload, decode_batch
+from services.classifier.uploads import (CheckUpload, ClassifyUpload, DetectUpload, EmbedUpload, SimilarUpload,
+                                         TeachUpload, decode_batch, decode_photos)
 from services.runtime import ApiError, Runtime, add_http_layer, api_errors, bad_request
 from services.runtime.config import _float, service_options
 from services.runtime.errors import shown
@@ -45,6 +53,7 @@ from services.runtime.errors import shown
 SERVICE = "classifier"
 DEFAULT_STORE = "sqlite:///data/classifier/taught.db"
 LEGACY_STATE = "data/classifier/taught.json"
+TEACHABLE = ("classifier", "face_descriptor")  # kinds whose output can be taught
 log = logging.getLogger("services.classifier")
 
 
@@ -55,20 +64,32 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def embedding_dim(model) -> int:
-    return int(model.card["contract"]["outputs"][1]["shape"][1])
+    output = next(o for o in model.card["contract"]["outputs"] if o["name"] in ("embedding", "descriptor"))
+    return int(output["shape"][1])
+
+
+def is_faces(model) -> bool:
+    return model.card.get("kind") == "face_descriptor"
+
+
+def face_distance(similarity: float) -> float:
+    """Euclidean distance between two unit vectors with this cosine similarity."""
+    return float(np.sqrt(max(0.0, 2.0 - 2.0 * similarity)))
 
 
 @bentoml.service(name=SERVICE, **service_options(SERVICE))
 class Classifier:
     def __init__(self) -> None:
-        self.runtime = Runtime(service=SERVICE, kind="classifier")
+        self.runtime = Runtime(service=SERVICE, kind=("classifier", *FACE_KINDS))
         self.limits = Limits(self.runtime.settings.max_batch_size)
+        self.faces = FacePipeline(self.runtime, FaceLimits())
         self.store_url = os.environ.get("TEACH_STORE", "").strip() or DEFAULT_STORE
         self.pgvector = os.environ.get("TEACH_PGVECTOR", "auto").strip().lower() or "auto"
         if self.pgvector not in ("auto", "on", "hnsw", "off"):
             raise ValueError(f"TEACH_PGVECTOR={self.pgvector!r} must be auto, on, hnsw or off")
         self.legacy_state = Path(os.environ.get("TEACH_STATE_PATH", "").strip() or LEGACY_STATE)
         self.threshold_override = _float("TEACH_MATCH_THRESHOLD", float("nan"))
+        self.face_distance_override = _float("FACE_MATCH_DISTANCE", float("nan"))
         self.teach_model_name = os.environ.get("TEACH_MODEL") or None
         self.store = self.matcher = None
         self.state_failure: str | None = "the taught-examples store is opening"
@@ -115,8 +136,8 @@ class Classifier:
             return self.not_ready(f"taught state {self.legacy_state} cannot be read: {exc}")
         try:
             matcher = Matcher(store)
-            teach_model = self.runtime.get(self.teach_model_name)
-            matcher.prepare(teach_model.card["sha256"], embedding_dim(teach_model))  # cache or index, before ready
+            for model in self.teachable():  # each model's cache or index, before ready
+                matcher.prepare(model.card["sha256"], embedding_dim(model))
         except (StoreError, ApiError) as exc:
             return self.not_ready(f"taught examples cannot be prepared for search: {getattr(exc, 'message', exc)}")
         self.matcher, self.store, self.state_failure = matcher, store, None
@@ -142,8 +163,11 @@ class Classifier:
         user, colon, _ = credentials.partition(":")
         return f"{scheme}{sep}{user}{':***' if colon else ''}{at}{host}"
 
+    def teachable(self) -> list:
+        return [m for m in self.runtime.models.values() if m.card.get("kind") in TEACHABLE]
+
     def dims(self) -> dict[str, int]:
-        return {m.card["sha256"]: embedding_dim(m) for m in self.runtime.models.values()}
+        return {m.card["sha256"]: embedding_dim(m) for m in self.teachable()}
 
     def check_name(self, name: Any, field: str = "name") -> str:
         return check_name(name, self.limits.name_length, field)
@@ -169,16 +193,15 @@ class Classifier:
             teach = {"error": self.state_failure}
         elif self.runtime.ready:
             try:
-                model = self.teach_model()
-                teach = {"model": model.name, "threshold": self.threshold(model), "store": self.store.describe(),
-                         "examples": self.store.count(model.card["sha256"]),
-                         "calibration": model.card.get("metrics", {}).get("teach_calibration")}
+                teach = {"default_model": self.default_teach_model(), "store": self.store.describe(), "models": [
+                    {"model": m.name, **self.match_rule(m), "examples": self.store.count(m.card["sha256"]),
+                     "calibration": m.card.get("metrics", {}).get("teach_calibration")} for m in self.teachable()]}
             except (ApiError, StoreError) as exc:
                 teach = {"error": getattr(exc, "message", str(exc))}
         return self.runtime.info(
-            limits_images=self.limits.describe(), teach=teach,
-            endpoints=["POST /classify", "POST /embed", "POST /teach", "POST /check", "POST /similar",
-                       "POST /taught", "POST /forget", "POST /rename", "POST /state/export",
+            limits_images=self.limits.describe() | self.faces.limits.describe(), teach=teach,
+            endpoints=["POST /classify", "POST /embed", "POST /faces/detect", "POST /teach", "POST /check",
+                       "POST /similar", "POST /taught", "POST /forget", "POST /rename", "POST /state/export",
                        "POST /state/import", "GET /info"])
 
     # Images --------------------------------------------------------------------------------
@@ -194,6 +217,59 @@ class Classifier:
         outputs = await model(batch)
         return dict(zip(model.output_names, outputs))
 
+    async def photos(self, files) -> list[np.ndarray]:
+        cancelled = threading.Event()
+        try:
+            return await asyncio.to_thread(decode_photos, files, self.limits, cancelled)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    # Faces ---------------------------------------------------------------------------------
+
+    @bentoml.api(route="/faces/detect", input_spec=DetectUpload)
+    @api_errors
+    async def detect_faces(self, images, problem=None) -> dict:
+        if problem is not None:
+            raise problem
+        detector = self.faces.model("face_detector")
+        found = [await self.faces.find(rgb) for rgb in await self.photos(images)]
+        return {"faces": [[dict(f.describe(landmarks=True), usable=bool(f.size >= self.faces.limits.min_size))
+                           for f in faces] for faces in found],
+                "min_size": self.faces.limits.min_size, "model": detector.name, "version": detector.version}
+
+    def choose_face(self, i: int, faces: list[Face], face: int | None) -> Face:
+        """The one face of photo i that teach/similar use; a 422 saying why there is none."""
+        where = f"images[{i}]"
+        if face is not None:
+            if face >= len(faces):
+                raise ApiError(422, "no_such_face", f"{where} has {len(faces)} face(s); face={face} is not one of "
+                               "them (POST /faces/detect lists them, biggest first)", "face")
+            chosen = faces[face]
+        else:
+            if not faces:
+                raise ApiError(422, "no_face", f"{where}: no face found (faces are found from "
+                               f"{self.faces.limits.min_size} pixels up, looking at the camera or turned "
+                               "moderately)", where)
+            usable = [f for f in faces if f.size >= self.faces.limits.min_size]
+            if len(usable) > 1:
+                boxes = "; ".join(f"{n}: {f.describe()['box']}" for n, f in enumerate(faces[:10]))
+                raise ApiError(422, "several_faces", f"{where} shows {len(usable)} faces; say which with the field "
+                               f"'face' (its index, biggest first: {boxes})", "face")
+            chosen = usable[0] if usable else faces[0]
+        if chosen.size < self.faces.limits.min_size:
+            raise ApiError(422, "face_too_small", f"{where}: the face is {chosen.size:.0f} pixels, under the minimum "
+                           f"of {self.faces.limits.min_size} (FACE_MIN_SIZE); send a larger or closer photo", where)
+        return chosen
+
+    async def face_descriptors(self, images, face: int | None) -> np.ndarray:
+        """One descriptor per photo: its only face, or the one `face` names."""
+        vectors = []
+        for i, rgb in enumerate(await self.photos(images)):
+            chosen = self.choose_face(i, await self.faces.find(rgb), face)
+            vectors.append((await self.faces.describe(rgb, [chosen]))[0])
+        return np.stack(vectors)
+
     # Classification ------------------------------------------------------------------------
 
     @bentoml.api(route="/classify", input_spec=ClassifyUpload)
@@ -201,7 +277,7 @@ class Classifier:
     async def classify(self, images, problem=None, top_k=5, model=None) -> dict:
         if problem is not None:
             raise problem
-        classifier = self.runtime.get(model)
+        classifier = self.runtime.get(model, kind="classifier")
         labels = classifier.card["contract"]["labels"]
         k = int_field(top_k, "top_k", 1, len(labels))
         probabilities = softmax((await self.infer(classifier, images))["logits"])
@@ -215,72 +291,134 @@ class Classifier:
     async def embed(self, images, problem=None, model=None) -> dict:
         if problem is not None:
             raise problem
-        classifier = self.runtime.get(model)
+        classifier = self.runtime.get(model, kind="classifier")
         embeddings = (await self.infer(classifier, images))["embedding"]
         return {"embeddings": embeddings.tolist(), "dim": int(embeddings.shape[1]),
                 "model": classifier.name, "version": classifier.version}
 
     # Teach ---------------------------------------------------------------------------------
 
-    def teach_model(self):
+    def default_teach_model(self) -> str | None:
+        """TEACH_MODEL, else the face descriptor when loaded, else the only classifier."""
+        if self.teach_model_name:
+            return self.teach_model_name
+        names = sorted(m.name for m in self.teachable() if is_faces(m)) or sorted(m.name for m in self.teachable())
+        return names[0] if len(names) == 1 else None
+
+    def teach_model(self, name: str | None = None):
         self.require_store()
-        return self.runtime.get(self.teach_model_name)
+        model = self.runtime.get(name if name is not None else self.default_teach_model())
+        if model.card.get("kind") not in TEACHABLE:
+            raise bad_request("invalid_field", f"model {model.name!r} cannot be taught; teach one of "
+                              f"{sorted(m.name for m in self.teachable())}", "model")
+        return model
+
+    def match_rule(self, model) -> dict:
+        """How /check decides `matched`: a Euclidean distance for faces (dlib's rule), a cosine
+        similarity for the classifier's embedding; each from the card unless overridden."""
+        if is_faces(model):
+            override = self.face_distance_override
+            return {"metric": "euclidean distance", "threshold": override if not np.isnan(override) else
+                    float(model.card["contract"]["match_distance"])}
+        override = self.threshold_override
+        return {"metric": "cosine similarity", "threshold": override if not np.isnan(override) else
+                float(model.card["contract"].get("match_threshold", 0.8))}
 
     def threshold(self, model) -> float:
-        if not np.isnan(self.threshold_override):
-            return self.threshold_override
-        return float(model.card["contract"].get("match_threshold", 0.8))
+        return self.match_rule(model)["threshold"]
 
-    async def teach_embeddings(self, images, model: str | None = None):
-        teach_model = self.teach_model()
-        if model is not None and model != teach_model.name:
-            raise bad_request("invalid_field", f"teach/check use the model {teach_model.name!r} (TEACH_MODEL)", "model")
-        return teach_model, (await self.infer(teach_model, images))["embedding"]
+    async def embeddings(self, model, images, face: int | None = None) -> np.ndarray:
+        if is_faces(model):
+            return await self.face_descriptors(images, face)
+        if face is not None:
+            raise bad_request("invalid_field", "face applies to the faces model only", "face")
+        return (await self.infer(model, images))["embedding"]
 
     @bentoml.api(route="/teach", input_spec=TeachUpload)
     @api_errors
-    async def teach(self, images, problem=None, name=None) -> dict:
+    async def teach(self, images, problem=None, name=None, model=None, face=None) -> dict:
         if problem is not None:
             raise problem
         name = self.check_name(name)
-        model, embeddings = await self.teach_embeddings(images)
+        face = None if face is None else int_field(face, "face", 0, self.faces.limits.max_faces - 1)
+        model = self.teach_model(model)
+        embeddings = await self.embeddings(model, images, face)
         taught = taught_state.now()
         examples = [Example(uuid.uuid4().hex, name, model.name, model.card["sha256"], taught_state.unit(vector, None),
                             filename[:200], taught) for (filename, _), vector in zip(images, embeddings)]
         count = await self.stored(self.store.add, examples, self.limits.taught_examples)
-        return {"name": name, "ids": [e.id for e in examples], "examples": count}
+        return {"name": name, "ids": [e.id for e in examples], "examples": count, "model": model.name}
 
-    @bentoml.api(route="/check", input_spec=EmbedUpload)
+    def result(self, best, model) -> dict:
+        """One /check answer from the nearest taught example (or none)."""
+        rule = self.match_rule(model)
+        if not best:
+            return {"name": None, "id": None, "confidence": 0.0, "matched": False} | (
+                {"distance": None} if is_faces(model) else {})
+        m = best[0]
+        if is_faces(model):
+            distance = face_distance(m.similarity)
+            return {"name": m.name, "id": m.id, "distance": round(distance, 6), "confidence": round(m.similarity, 6),
+                    "matched": bool(distance <= rule["threshold"])}
+        return {"name": m.name, "id": m.id, "confidence": round(m.similarity, 6),
+                "matched": bool(m.similarity >= rule["threshold"])}
+
+    @bentoml.api(route="/check", input_spec=CheckUpload)
     @api_errors
     async def check(self, images, problem=None, model=None) -> dict:
         if problem is not None:
             raise problem
-        teach_model, embeddings = await self.teach_embeddings(images, model)
-        nearest, total = await self.stored(self.matcher.nearest, teach_model.card["sha256"], embeddings, 1)
-        threshold = self.threshold(teach_model)
-        results = [{"name": best[0].name, "id": best[0].id, "confidence": round(best[0].similarity, 6),
-                    "matched": bool(best[0].similarity >= threshold)} if best else
-                   {"name": None, "id": None, "confidence": 0.0, "matched": False} for best in nearest]
-        return {"results": results, "threshold": threshold, "taught_examples": total,
+        teach_model = self.teach_model(model)
+        sha = teach_model.card["sha256"]
+        if is_faces(teach_model):
+            results, total = [], 0
+            for rgb in await self.photos(images):
+                faces = await self.faces.find(rgb)
+                usable = [f for f in faces if f.size >= self.faces.limits.min_size]
+                nearest = []
+                if usable:
+                    vectors = await self.faces.describe(rgb, usable)
+                    nearest, total = await self.stored(self.matcher.nearest, sha, vectors, 1)
+                answers = iter(nearest)
+                results.append({"faces": [f.describe() | (self.result(next(answers), teach_model) if f in usable else
+                                          {"name": None, "id": None, "matched": False, "too_small": True})
+                                          for f in faces]})
+            if not total:
+                total = await self.stored(self.store.count, sha)
+        else:
+            embeddings = await self.embeddings(teach_model, images)
+            nearest, total = await self.stored(self.matcher.nearest, sha, embeddings, 1)
+            results = [self.result(best, teach_model) for best in nearest]
+        return {"results": results, **self.match_rule(teach_model), "taught_examples": total,
                 "model": teach_model.name, "version": teach_model.version}
 
     @bentoml.api(route="/similar", input_spec=SimilarUpload)
     @api_errors
-    async def similar(self, images, problem=None, limit=5) -> dict:
+    async def similar(self, images, problem=None, limit=5, model=None, face=None) -> dict:
         if problem is not None:
             raise problem
         limit = int_field(limit, "limit", 1, self.limits.similar)
-        teach_model, embeddings = await self.teach_embeddings(images)
+        face = None if face is None else int_field(face, "face", 0, self.faces.limits.max_faces - 1)
+        teach_model = self.teach_model(model)
+        embeddings = await self.embeddings(teach_model, images, face)
         nearest, _ = await self.stored(self.matcher.nearest, teach_model.card["sha256"], embeddings, limit)
-        answer = [[{"id": m.id, "name": m.name, "similarity": round(m.similarity, 6)} for m in matches]
+        faces = is_faces(teach_model)
+        answer = [[{"id": m.id, "name": m.name, "similarity": round(m.similarity, 6)} |
+                   ({"distance": round(face_distance(m.similarity), 6)} if faces else {}) for m in matches]
                   for matches in nearest]
-        return {"similar": answer, "threshold": self.threshold(teach_model), "model": teach_model.name}
+        return {"similar": answer, **self.match_rule(teach_model), "model": teach_model.name}
 
     @bentoml.api(route="/taught")
     @api_errors
-    async def taught(self) -> dict:
-        counts = await self.stored(self.require_store().counts)
-        return {"names": [{"name": n, "examples": c} for n, c in counts.items()], "total": sum(counts.values())}
+    async def taught(
+        self,
+        model: Annotated[str | None, Field(description="whose taught names (default: the teach model, see /info)")]
+        = None,
+    ) -> dict:
+        teach_model = self.teach_model(model)
+        counts = await self.stored(self.store.counts, teach_model.card["sha256"])
+        return {"names": [{"name": n, "examples": c} for n, c in counts.items()], "total": sum(counts.values()),
+                "model": teach_model.name}
 
     @staticmethod
     def name_or_id(name: str | None, id: str | None) -> tuple[str, str]:  # noqa: A002
@@ -288,9 +426,11 @@ class Classifier:
             raise bad_request("name_or_id", "give exactly one of name or id", "name")
         return ("name", unicodedata.normalize("NFC", name)) if name is not None else ("id", id)
 
-    async def changed(self, method, field: str, value: str, *args) -> int:
+    async def changed(self, method, field: str, value: str, model: str | None, *args) -> int:
+        # A name is looked up within one model (a face and a jacket may share it); an id is unique.
+        scope = {"model_sha256": self.teach_model(model).card["sha256"]} if field == "name" else {}
         try:
-            return await self.stored(method, *args, **{field: value})
+            return await self.stored(method, *args, **{field: value}, **scope)
         except KeyError:
             raise ApiError(404, "not_taught", f"nothing taught under {field} {shown(value)}", field) from None
 
@@ -300,10 +440,12 @@ class Classifier:
         self,
         name: Annotated[str | None, Field(description="forget every example of this name")] = None,
         id: Annotated[str | None, Field(description="forget one example")] = None,  # noqa: A002 - the API's word
+        model: Annotated[str | None, Field(description="the model a name belongs to (default: the teach model)")]
+        = None,
     ) -> dict:
         store = self.require_store()
         field, value = self.name_or_id(name, id)
-        return {"forgotten": await self.changed(store.forget, field, value)}
+        return {"forgotten": await self.changed(store.forget, field, value, model)}
 
     @bentoml.api(route="/rename")
     @api_errors
@@ -312,11 +454,13 @@ class Classifier:
         new_name: Annotated[str, Field(description="the new name")],
         name: Annotated[str | None, Field(description="rename every example of this name")] = None,
         id: Annotated[str | None, Field(description="rename one example")] = None,  # noqa: A002
+        model: Annotated[str | None, Field(description="the model a name belongs to (default: the teach model)")]
+        = None,
     ) -> dict:
         store = self.require_store()
         field, value = self.name_or_id(name, id)
         new_name = self.check_name(new_name, "new_name")
-        return {"renamed": await self.changed(store.rename, field, value, new_name), "name": new_name}
+        return {"renamed": await self.changed(store.rename, field, value, model, new_name), "name": new_name}
 
     @bentoml.api(route="/state/export")
     @api_errors

@@ -71,21 +71,37 @@ class Upload(bentoml.IODescriptor):
         return cls.model_construct(**values)
 
 
+TEACH_MODEL_HELP = "faces (the default when the face networks are loaded) or fashion; see /info"
+FACE_HELP = "which face of each photo, when it shows several: its index in /faces/detect's answer (biggest first)"
+
+
 class ClassifyUpload(Upload):
     top_k: int = Field(5, description="labels per image, most likely first")
-    model: str | None = Field(None, description="model name; optional when one model is loaded")
+    model: str | None = Field(None, description="model name; optional when one classifier is loaded")
 
 
 class EmbedUpload(Upload):
-    model: str | None = Field(None, description="model name; optional when one model is loaded")
+    model: str | None = Field(None, description="model name; optional when one classifier is loaded")
+
+
+class DetectUpload(Upload):
+    pass
 
 
 class TeachUpload(Upload):
     name: str = Field(description="who or what the images show")
+    model: str | None = Field(None, description=TEACH_MODEL_HELP)
+    face: int | None = Field(None, description=FACE_HELP)
+
+
+class CheckUpload(Upload):
+    model: str | None = Field(None, description=TEACH_MODEL_HELP)
 
 
 class SimilarUpload(Upload):
     limit: int = Field(5, description="taught examples per image, nearest first")
+    model: str | None = Field(None, description=TEACH_MODEL_HELP)
+    face: int | None = Field(None, description=FACE_HELP)
 
 
 class Cancelled(Exception):
@@ -94,14 +110,25 @@ class Cancelled(Exception):
 
 def decode_batch(files: list[tuple[str, bytes]], limits, preprocessing: dict,
                  cancelled: threading.Event | None = None) -> np.ndarray:
-    """Uploads -> float32 [N, 3, S, S] by the card's contract; a 4xx naming the first bad file.
-    Stops between images once `cancelled` is set, and keeps the request within its pixel budget."""
+    """Uploads -> float32 [N, 3, S, S] by the card's contract; a 4xx naming the first bad file."""
+    args = imaging.contract_args(preprocessing)
+    pixels = decode_each(files, limits, lambda image: imaging.prepare(image, **args), cancelled)
+    return imaging.normalise(np.stack(pixels), preprocessing["mean"], preprocessing["std"])
+
+
+def decode_photos(files: list[tuple[str, bytes]], limits, cancelled: threading.Event | None = None) -> list[np.ndarray]:
+    """Uploads -> uint8 [H, W, 3] RGB arrays at their own size (the face pipeline's input)."""
+    return decode_each(files, limits, imaging.rgb_array, cancelled)
+
+
+def decode_each(files: list[tuple[str, bytes]], limits, convert, cancelled: threading.Event | None = None) -> list:
+    """Check every file's header, then the request's pixel budget, then decode and convert
+    file by file; stops between images once `cancelled` is set."""
     if not files:
         raise bad_request("no_images", "send at least one image file in the field 'images'", "images")
     if len(files) > limits.images_per_request:
         raise bad_request("too_many_images", f"{len(files)} images is over the limit of "
                           f"{limits.images_per_request} per request (MAX_IMAGES_PER_REQUEST)", "images")
-    args = imaging.contract_args(preprocessing)
     opened = []
     for i, (filename, data) in enumerate(files):  # headers only: a request's size is known before any decoding
         with named(i, filename):
@@ -111,19 +138,19 @@ def decode_batch(files: list[tuple[str, bytes]], limits, preprocessing: dict,
         raise ApiError(413, "request_too_large", f"the images hold {total} pixels together, over the limit of "
                        f"{limits.request_pixels} per request (MAX_REQUEST_PIXELS); send fewer or smaller images",
                        "images")
-    pixels = []
+    converted = []
     try:
         for i, (image, (filename, _)) in enumerate(zip(opened, files)):
             if cancelled is not None and cancelled.is_set():
                 log.info("classifier: request cancelled: decoding stopped after %d of %d images", i, len(files))
                 raise Cancelled(f"stopped after {i} of {len(files)} images")
             with named(i, filename):
-                pixels.append(imaging.prepare(imaging.load(image), **args))
+                converted.append(convert(imaging.load(image)))
             opened[i] = None  # the decoded image can go
     finally:
         if total > RETURN_MEMORY_PIXELS:
             give_back_memory()
-    return imaging.normalise(np.stack(pixels), preprocessing["mean"], preprocessing["std"])
+    return converted
 
 
 @contextmanager
