@@ -248,9 +248,9 @@ class Classifier:
             chosen = faces[face]
         else:
             if not faces:
-                raise ApiError(422, "no_face", f"{where}: no face found (faces are found from "
-                               f"{self.faces.limits.min_size} pixels up, looking at the camera or turned "
-                               "moderately)", where)
+                raise ApiError(422, "no_face", f"{where}: no face found (a face is found when it looks at the "
+                               "camera or is turned moderately, and the detector scores it at least "
+                               f"{self.faces.limits.min_score} (FACE_MIN_SCORE))", where)
             usable = [f for f in faces if f.size >= self.faces.limits.min_size]
             if len(usable) > 1:
                 boxes = "; ".join(f"{n}: {f.describe()['box']}" for n, f in enumerate(faces[:10]))
@@ -484,4 +484,6 @@ class Classifier:
 
 
 add_http_layer(Classifier, SERVICE, body_limits={"/state/import": import_bytes()},
-               error_statuses={"409": "teach or import would exceed MAX_TAUGHT_EXAMPLES (too_many_examples)"})
+               error_statuses={"409": "teach or import would exceed MAX_TAUGHT_EXAMPLES (too_many_examples)",
+                               "422": "faces: a photo has no face, several and no face index, or one under "
+                                      "FACE_MIN_SIZE pixels (no_face, several_faces, no_such_face, face_too_small)"})
