@@ -232,7 +232,9 @@ def report(results: dict, command: str, server_cores: set[int], client_cores: se
               "- [benchmarks/store.md](benchmarks/store.md): the classifier's taught-examples store, check and teach "
               "times at 1e3 to 1e5 examples per back-end (`python -m loadtests.store_benchmark`).",
               "- [benchmarks/workers.md](benchmarks/workers.md): requests/s with WORKERS=1 and 2 "
-              "(`python -m loadtests.benchmark --compare-workers 1 2`).", ""]
+              "(`python -m loadtests.benchmark --compare-workers 1 2`).",
+              "- [benchmarks/faces.md](benchmarks/faces.md): the face pipeline per photo by size, each step and one "
+              "served /check (`python -m loadtests.faces_benchmark`).", ""]
     text = "\n".join(lines) + "\n"
     return text
 

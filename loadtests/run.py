@@ -4,8 +4,8 @@
     python -m loadtests.run mixed --slo loadtests/slo.json --out reports/
     python -m loadtests.run policy --policy-url http://127.0.0.1:3001   # local launcher or compose
 
-Scenarios are the Locust files in this folder (policy, and generator/classifier/mixed where
-present). Each user class reads its service's base URL from POLICY_URL, GENERATOR_URL or
+Scenarios are the Locust files in this folder (policy, and generator/classifier/faces/mixed
+where present). Each user class reads its service's base URL from POLICY_URL, GENERATOR_URL or
 CLASSIFIER_URL (defaults: the launcher's and compose's ports on 127.0.0.1).
 
 The gate (loadtests/slo.json, or --slo): the failure ratio over all requests, and the p95
@@ -31,7 +31,7 @@ DEFAULT_URLS = {"policy": "http://127.0.0.1:3001", "generator": "http://127.0.0.
 
 def scenarios() -> list[str]:
     return sorted(p.stem for p in HERE.glob("*.py")
-                  if p.stem in {"policy", "generator", "classifier", "mixed"})
+                  if p.stem in {"policy", "generator", "classifier", "faces", "mixed"})
 
 
 def service_url(name: str) -> str:
