@@ -4,46 +4,20 @@
 //   node training/faces/js/descriptor_reference.mjs CHIPS.npy OUT.npy      (from /work/main, any cwd works)
 //
 // (training/faces/record_descriptor_reference.py writes CHIPS.npy, runs this and reads OUT.npy.)
-// Needs a node workspace with @vladmandic/face-api and @tensorflow/tfjs installed, and the face-api package
-// (for model/): set FACE_API_NODE (default: this folder, after `npm install --prefix training/faces/js`) and FACE_API (default
-// data/face-api/1.7.15/package, where `python -m training faces` unpacks it); no NODE_PATH needed. Node >= 20.6 (module.register).
+// Where node finds face-api and its weights: face_api.mjs (FACE_API_NODE, FACE_API).
 //
 // CHIPS.npy: [K, 150, 150, 3] uint8 or float32 (little-endian, C order), RGB 0..255; or a headerless raw
 //            float32 file of K*150*150*3 values in that layout (any other extension).
 // OUT.npy:   [K, 128] float32 descriptors (computeFaceDescriptor of each chip, as a batch of one).
 import { readFileSync, writeFileSync } from 'node:fs';
-import { register } from 'node:module';
-import { join } from 'node:path';
-import { pathToFileURL } from 'node:url';
 
-const NODE = process.env.FACE_API_NODE || new URL('.', import.meta.url).pathname;
-const FACE_API = process.env.FACE_API || new URL('../../../data/face-api/1.7.15/package', import.meta.url).pathname;
+import { loadFaceApi, loadNet } from './face_api.mjs';
+
 const [inPath, outPath] = process.argv.slice(2);
 const SIZE = 150;
 
-// face-api's esm-nobundle build imports tfjs' ESM sources (extensionless imports node cannot resolve)
-// and the wasm/webgl backends (absent or useless here): send tfjs to its CommonJS build, stub the backends.
-register('data:text/javascript,' + encodeURIComponent(`
-export async function resolve(spec, ctx, next) {
-  if (spec.startsWith('@tensorflow/tfjs-backend-wasm') || spec.startsWith('@tensorflow/tfjs-backend-webgl')) {
-    return { url: 'data:text/javascript,export {}', shortCircuit: true };
-  }
-  if (spec === '@tensorflow/tfjs/dist/index.js') return next('@tensorflow/tfjs', ctx);
-  return next(spec, ctx);
-}`));
-const faceapi = await import(pathToFileURL(join(NODE, 'node_modules/@vladmandic/face-api/dist/face-api.esm-nobundle.js')));
-const { tf } = faceapi;
-await tf.setBackend('cpu');
-await tf.ready();
-
-// Load the weights the way tfjs does (decodeWeights dequantises), then hand face-api the weight map.
-const manifestPath = join(FACE_API, 'model/face_recognition_model-weights_manifest.json');
-const manifest = JSON.parse(readFileSync(manifestPath, 'utf8'));
-const specs = manifest.flatMap((group) => group.weights);
-const bytes = Buffer.concat(manifest.flatMap((group) => group.paths.map((p) => readFileSync(join(FACE_API, 'model', p)))));
-const weightMap = tf.io.decodeWeights(bytes.buffer.slice(bytes.byteOffset, bytes.byteOffset + bytes.length), specs);
-const net = new faceapi.FaceRecognitionNet();
-net.loadFromWeightMap(weightMap);
+const { faceapi, tf } = await loadFaceApi();
+const net = loadNet(tf, new faceapi.FaceRecognitionNet(), 'face_recognition_model');
 
 // Minimal .npy reader: version 1/2 header, '<f4' or '|u1', C order. Returns a Float32Array.
 const asFloat32 = (b) => new Float32Array(b.buffer.slice(b.byteOffset, b.byteOffset + b.length));

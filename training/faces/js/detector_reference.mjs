@@ -4,9 +4,7 @@
 //   node training/faces/js/detector_reference.mjs IN.json OUT.json
 //
 // (training/faces/record_detector_reference.py writes IN.json and the raw files, runs this, reads OUT.json.)
-// Needs a node workspace with @vladmandic/face-api and @tensorflow/tfjs installed, and the face-api package
-// (for model/): set FACE_API_NODE (default: this folder, after `npm install --prefix training/faces/js`) and FACE_API (default
-// data/face-api/1.7.15/package, where `python -m training faces` unpacks it). Node >= 20.6 (module.register).
+// Where node finds face-api and its weights: face_api.mjs (FACE_API_NODE, FACE_API).
 //
 // IN.json:  {"inputs": [PATH, ...],    raw float32 [512, 512, 3] HWC RGB 0..255: the net's input, already
 //                                      padded + resized (detector.prepare)
@@ -18,37 +16,13 @@
 //           and for each photo, PATH + ".batch.f32": face-api's own pad + resize (toBatchTensor(512, false)),
 //           raw float32 [512, 512, 3]
 import { readFileSync, writeFileSync } from 'node:fs';
-import { register } from 'node:module';
-import { join } from 'node:path';
-import { pathToFileURL } from 'node:url';
 
-const NODE = process.env.FACE_API_NODE || new URL('.', import.meta.url).pathname;
-const FACE_API = process.env.FACE_API || new URL('../../../data/face-api/1.7.15/package', import.meta.url).pathname;
+import { loadFaceApi, loadNet } from './face_api.mjs';
+
 const [inPath, outPath] = process.argv.slice(2);
 
-// face-api's esm-nobundle build imports tfjs' ESM sources (extensionless imports node cannot resolve)
-// and the wasm/webgl backends (absent or useless here): send tfjs to its CommonJS build, stub the backends.
-register('data:text/javascript,' + encodeURIComponent(`
-export async function resolve(spec, ctx, next) {
-  if (spec.startsWith('@tensorflow/tfjs-backend-wasm') || spec.startsWith('@tensorflow/tfjs-backend-webgl')) {
-    return { url: 'data:text/javascript,export {}', shortCircuit: true };
-  }
-  if (spec === '@tensorflow/tfjs/dist/index.js') return next('@tensorflow/tfjs', ctx);
-  return next(spec, ctx);
-}`));
-const faceapi = await import(pathToFileURL(join(NODE, 'node_modules/@vladmandic/face-api/dist/face-api.esm-nobundle.js')));
-const { tf } = faceapi;
-await tf.setBackend('cpu');
-await tf.ready();
-
-// Load the weights the way tfjs does (decodeWeights dequantises), then hand face-api the weight map.
-const manifestPath = join(FACE_API, 'model/ssd_mobilenetv1_model-weights_manifest.json');
-const manifest = JSON.parse(readFileSync(manifestPath, 'utf8'));
-const specs = manifest.flatMap((group) => group.weights);
-const bytes = Buffer.concat(manifest.flatMap((group) => group.paths.map((p) => readFileSync(join(FACE_API, 'model', p)))));
-const weightMap = tf.io.decodeWeights(bytes.buffer.slice(bytes.byteOffset, bytes.byteOffset + bytes.length), specs);
-const net = faceapi.nets.ssdMobilenetv1; // the instance detectAllFaces uses
-net.loadFromWeightMap(weightMap);
+const { faceapi, tf } = await loadFaceApi();
+const net = loadNet(tf, faceapi.nets.ssdMobilenetv1, 'ssd_mobilenetv1_model');  // the instance detectAllFaces uses
 
 const request = JSON.parse(readFileSync(inPath, 'utf8'));
 const out = { boxes: [], scores: [], detections: [] };
