@@ -125,5 +125,36 @@ def evaluate(models_dir: Path, descriptor_path: Path | None = None) -> dict:
     }
 
 
+def draw_examples(models_dir: Path, out: Path, descriptor_path: Path | None = None) -> None:
+    """A picture of the pipeline's work: each fixture photo with its boxes and 68 landmarks, and
+    under it the aligned chips the descriptor sees."""
+    from PIL import ImageDraw
+
+    pipeline = Pipeline(Path(models_dir), descriptor_path)
+    tiles = []
+    for name in ("obama", "obama2", "biden", "group_1"):
+        rgb = load_photo(FIXTURES / f"{name}.jpg")
+        image = Image.fromarray(rgb)
+        draw = ImageDraw.Draw(image)
+        all_points = pipeline.faces(rgb)
+        for points in all_points:
+            x0, y0 = points.min(0)
+            x1, y1 = points.max(0)
+            draw.rectangle([x0 - 4, y0 - 4, x1 + 4, y1 + 4], outline=(255, 210, 0), width=3)
+            for x, y in points:
+                draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=(0, 255, 120))
+        image.thumbnail((360, 360))
+        chips = [Image.fromarray(face_geometry.align(rgb, p)).resize((110, 110)) for p in all_points]
+        tile = Image.new("RGB", (360, 360 + 120), (255, 255, 255))
+        tile.paste(image, ((360 - image.width) // 2, 0))
+        for i, chip in enumerate(chips[:3]):
+            tile.paste(chip, (5 + i * 118, 365))
+        tiles.append(tile)
+    sheet = Image.new("RGB", (len(tiles) * 365, 480), (255, 255, 255))
+    for i, tile in enumerate(tiles):
+        sheet.paste(tile, (i * 365, 0))
+    sheet.save(out)
+
+
 if __name__ == "__main__":
     print(json.dumps(evaluate(Path(sys.argv[1]) if len(sys.argv) > 1 else Path("models/classifier")), indent=2))

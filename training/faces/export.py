@@ -169,11 +169,12 @@ def main(argv: list[str] | None = None) -> None:
         "metrics": {"parity": parity_landmarks(out / "model.onnx")}}, ["torch"])
 
     print("faces: dlib's ResNet face descriptor (face-api face_recognition_model)", flush=True)
-    from training.faces.evaluate import evaluate
+    from training.faces.evaluate import draw_examples, evaluate
 
     out = new_version_dir(args.models_dir, "faces", args.version)
     export(descriptor.load(face_api), torch.zeros(1, 3, 150, 150), out / "model.onnx", "chip", ["descriptor"])
     evaluation = evaluate(args.models_dir, descriptor_path=out / "model.onnx")
+    draw_examples(args.models_dir, out / "examples.png", descriptor_path=out / "model.onnx")
     write_card(out, {
         "name": "faces", "version": out.name, "kind": "face_descriptor",
         "description": "dlib's ResNet face descriptor (128-d), as ported to TF.js by face-api; with the "
