@@ -211,3 +211,20 @@ def test_info_lists_the_face_networks_and_the_rule(server):
     shoe = jpeg(np.full((64, 64, 3), 30, np.uint8))
     r = post(server, "/classify", [("images", ("s.jpg", shoe, "image/jpeg"))])
     assert r.status_code == 200 and r.json()["model"] == "fashion"
+
+
+def test_the_readme_shows_what_the_service_answers(tmp_path):
+    """The README's faces answer is real: the same requests to a fresh server give it again."""
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    block = readme.split("The `check` above, as this machine answered it", 1)[1].split("```json", 1)[1].split("```", 1)[0]
+    shown = json.loads(block)
+    with running_service("classifier", tmp_path, env={"TEACH_STORE": f"sqlite:///{tmp_path / 't.db'}"}) as server:
+        taught = post(server, "/teach", images("obama"), {"name": "Barack Obama"}).json()
+        answer = post(server, "/check", images("obama2", "biden")).json()
+    for served, documented in zip(answer["results"], shown["results"], strict=True):
+        for face, doc in zip(served["faces"], documented["faces"], strict=True):
+            assert face["name"] == doc["name"] and face["matched"] == doc["matched"]
+            assert abs(face["distance"] - doc["distance"]) < 1e-3 and abs(face["score"] - doc["score"]) < 1e-3
+            np.testing.assert_allclose(face["box"], doc["box"], atol=0.5)
+            assert face["id"] == taught["ids"][0]
+    assert (answer["threshold"], answer["metric"]) == (shown["threshold"], shown["metric"])
