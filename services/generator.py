@@ -160,6 +160,10 @@ class Generator:
     def __is_ready__(self) -> bool:
         return self.runtime.ready
 
+    def model_choices(self) -> dict:
+        """For /docs.json: the generators each endpoint takes (model required with several)."""
+        return {route: self.runtime.choices() for route in ("/generate", "/interpolate")} if self.runtime.ready else {}
+
     def info(self) -> dict:
         generators = {name: {key: m.card["contract"].get(key) for key in
                              ("latent_dim", "image_size", "channels", "output_range", "seed_to_latent", "to_uint8")}

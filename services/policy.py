@@ -86,6 +86,10 @@ class Policy:
     def __is_ready__(self) -> bool:
         return self.runtime.ready
 
+    def model_choices(self) -> dict:
+        """For /docs.json: the policies /act takes (model required with several)."""
+        return {"/act": self.runtime.choices()} if self.runtime.ready else {}
+
     def info(self) -> dict:
         policies = {name: {"observation_space": m.card["contract"]["observation_space"],
                            "action_space": m.card["contract"]["action_space"],

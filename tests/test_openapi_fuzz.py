@@ -27,3 +27,24 @@ def test_generated_requests_get_no_5xx_and_match_the_document(name, tmp_path):
                                 capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     assert " passed" in result.stdout and "generated" in result.stdout
+
+
+def test_the_document_names_the_models_each_endpoint_takes(tmp_path):
+    """Two policies are served, so /act's `model` is required and lists them; the classifier's
+    /classify takes its one classifier, and teach its two teachable models with a default."""
+    import requests
+
+    with running_service("policy", tmp_path) as server:
+        schema = request_schema(requests.get(f"{server.url}/docs.json", timeout=30).json(), "/act")
+        assert "model" in schema["required"] and schema["properties"]["model"]["enum"] == ["cartpole", "lunarlander"]
+        assert requests.post(f"{server.url}/act", json={"observations": [[0, 0, 0, 0]]}, timeout=30).status_code == 400
+    with running_service("classifier", tmp_path, env={"TEACH_STORE": f"sqlite:///{tmp_path / 't.db'}"}) as server:
+        document = requests.get(f"{server.url}/docs.json", timeout=30).json()
+    classify, teach = request_schema(document, "/classify"), request_schema(document, "/teach")
+    assert classify["properties"]["model"]["enum"] == ["fashion"] and "model" not in classify.get("required", [])
+    assert teach["properties"]["model"]["enum"] == ["faces", "fashion"] and "model" not in teach["required"]
+
+
+def request_schema(document: dict, route: str) -> dict:
+    content = document["paths"][route]["post"]["requestBody"]["content"]
+    return next(iter(content.values()))["schema"]

@@ -101,6 +101,16 @@ class Classifier:
     def __is_ready__(self) -> bool:
         return self.runtime.ready and self.store is not None
 
+    def model_choices(self) -> dict:
+        """For /docs.json: the classifiers /classify and /embed take, the models teach and its
+        kin take (model optional where there is a default)."""
+        if not self.runtime.ready:
+            return {}
+        classifiers = self.runtime.choices(kind="classifier")
+        teachable = (sorted(m.name for m in self.teachable()), self.default_teach_model() is None)
+        return {"/classify": classifiers, "/embed": classifiers} | {
+            route: teachable for route in ("/teach", "/check", "/similar", "/taught", "/forget", "/rename")}
+
     # The store -----------------------------------------------------------------------------
 
     def open_state(self) -> None:

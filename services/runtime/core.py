@@ -163,6 +163,11 @@ class Runtime:
 
     # Requests --------------------------------------------------------------------------
 
+    def choices(self, kind: str | None = None) -> tuple[list[str], bool]:
+        """The model names a request may give (of `kind`), and whether it must give one."""
+        names = sorted(n for n, m in self.models.items() if kind is None or m.card.get("kind") == kind)
+        return names, len(names) > 1
+
     def get(self, name: str | None, kind: str | None = None) -> LoadedModel:
         """The model a request names, or the only one (of `kind`, when given); ApiError otherwise."""
         if not self.ready:

@@ -178,7 +178,11 @@ class ServiceHttp:
                               f"{self.request_timeout:g} s (REQUEST_TIMEOUT); its work was stopped")
 
     def _describe_errors(self, document: dict) -> dict:
-        return describe_errors(document, self.error_statuses)
+        import bentoml
+
+        instance = bentoml.get_current_service()
+        choices = getattr(instance, "model_choices", None)
+        return describe_errors(document, self.error_statuses, choices() if choices else None)
 
     def _host_allowed(self, scope) -> bool:
         if "*" in self.allowed_hosts:

@@ -3,6 +3,10 @@
 BentoML documents `error` as a string and lists 400, 404 and 500 only; every error the
 services answer has the one shape of errors.py, and the shared HTTP layer adds 401, 403,
 408, 413, 415, 503 and 504. This rewrites each operation's error responses to that shape.
+
+It also says which models an endpoint's `model` field takes, from what is loaded: their names
+(an enum), and `model` required where several are loaded and none is the default (a policy
+service with cartpole and lunarlander answers 400 model_required without it).
 """
 
 from __future__ import annotations
@@ -36,8 +40,10 @@ POST_ERRORS = {
 }
 
 
-def describe_errors(document: dict, extra: dict[str, str] | None = None) -> dict:
-    """The document with every operation's 4xx/5xx responses in the error shape."""
+def describe_errors(document: dict, extra: dict[str, str] | None = None,
+                    models: dict[str, tuple[list[str], bool]] | None = None) -> dict:
+    """The document with every operation's 4xx/5xx responses in the error shape; `models` maps
+    a route to the names its `model` field takes and whether the field is required."""
     schemas = document.setdefault("components", {}).setdefault("schemas", {})
     for stale in ("InvalidArgument", "NotFound", "InternalServerError"):
         schemas.pop(stale, None)
@@ -48,8 +54,22 @@ def describe_errors(document: dict, extra: dict[str, str] | None = None) -> dict
             responses = operation.setdefault("responses", {})
             for status in [s for s in responses if s[0] in "45"]:
                 del responses[status]
+            if models and path in models:
+                _model_field(operation, *models[path])
             wanted = errors if method == "post" else ({"503": "not ready"} if path == "/readyz" else {})
             for status, description in sorted(wanted.items()):
                 responses[status] = {"description": description, "content": {
                     "application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
     return document
+
+
+def _model_field(operation: dict, names: list[str], required: bool) -> None:
+    for content in operation.get("requestBody", {}).get("content", {}).values():
+        schema = content.get("schema", {})
+        field = schema.get("properties", {}).get("model")
+        if field is None or not names:
+            continue
+        field["enum"] = sorted(names)
+        if required:
+            field.pop("default", None)
+            schema["required"] = sorted({*schema.get("required", []), "model"})
