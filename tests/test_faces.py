@@ -228,3 +228,11 @@ def test_the_readme_shows_what_the_service_answers(tmp_path):
             np.testing.assert_allclose(face["box"], doc["box"], atol=0.5)
             assert face["id"] == taught["ids"][0]
     assert (answer["threshold"], answer["metric"]) == (shown["threshold"], shown["metric"])
+
+
+def test_check_lists_a_face_too_small_to_name_without_a_name(server):
+    small = jpeg(np.asarray(Image.fromarray(rgb("obama")).reduce(4)))  # a 32-pixel face
+    r = post(server, "/check", [("images", ("small.jpg", small, "image/jpeg"))])
+    assert r.status_code == 200, r.text
+    (face,) = r.json()["results"][0]["faces"]
+    assert face["too_small"] and face["name"] is None and not face["matched"]

@@ -373,6 +373,18 @@ class Classifier:
         return {"name": m.name, "id": m.id, "confidence": round(m.similarity, 6),
                 "matched": bool(m.similarity >= rule["threshold"])}
 
+    async def check_faces(self, rgb: np.ndarray, model) -> list[dict]:
+        """Every face of one photo with its nearest taught face; too small ones unnamed."""
+        faces = await self.faces.find(rgb)
+        usable = [f for f in faces if f.size >= self.faces.limits.min_size]
+        nearest = []
+        if usable:
+            vectors = await self.faces.describe(rgb, usable)
+            nearest, _ = await self.stored(self.matcher.nearest, model.card["sha256"], vectors, 1)
+        answers = dict(zip(map(id, usable), nearest))
+        return [f.describe() | (self.result(answers[id(f)], model) if id(f) in answers else
+                                {"name": None, "id": None, "matched": False, "too_small": True}) for f in faces]
+
     @bentoml.api(route="/check", input_spec=CheckUpload)
     @api_errors
     async def check(self, images, problem=None, model=None) -> dict:
@@ -381,20 +393,8 @@ class Classifier:
         teach_model = self.teach_model(model)
         sha = teach_model.card["sha256"]
         if is_faces(teach_model):
-            results, total = [], 0
-            for rgb in await self.photos(images):
-                faces = await self.faces.find(rgb)
-                usable = [f for f in faces if f.size >= self.faces.limits.min_size]
-                nearest = []
-                if usable:
-                    vectors = await self.faces.describe(rgb, usable)
-                    nearest, total = await self.stored(self.matcher.nearest, sha, vectors, 1)
-                answers = iter(nearest)
-                results.append({"faces": [f.describe() | (self.result(next(answers), teach_model) if f in usable else
-                                          {"name": None, "id": None, "matched": False, "too_small": True})
-                                          for f in faces]})
-            if not total:
-                total = await self.stored(self.store.count, sha)
+            results = [{"faces": await self.check_faces(rgb, teach_model)} for rgb in await self.photos(images)]
+            total = await self.stored(self.store.count, sha)
         else:
             embeddings = await self.embeddings(teach_model, images)
             nearest, total = await self.stored(self.matcher.nearest, sha, embeddings, 1)
