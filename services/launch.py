@@ -163,13 +163,26 @@ def exec_one(name: str, host: str, port: int, models_dir: Path) -> int:
 
 
 def parse_ports(items: list[str]) -> dict[str, int]:
-    ports = {s.name: int(os.environ.get(f"{s.name.upper()}_PORT", s.port)) for s in SERVICES}
+    ports = {s.name: env_port(f"{s.name.upper()}_PORT", s.port) for s in SERVICES}
     for item in items:
         name, sep, port = item.partition("=")
         if not sep or name not in ports or not port.isdigit():
             raise SystemExit(f"--port {item!r}: expected NAME=PORT with NAME in {sorted(ports)}")
         ports[name] = int(port)
     return ports
+
+
+def env_port(variable: str, default: int) -> int:
+    """A port from the environment. Kubernetes sets POLICY_PORT=tcp://10.0.0.1:3000 in every pod
+    of a namespace with a Service named policy (service links): not ours, so it is ignored."""
+    value = os.environ.get(variable, "").strip()
+    if not value:
+        return default
+    if value.isdigit() and 0 < int(value) < 65536:
+        return int(value)
+    if "://" in value:
+        return default
+    raise SystemExit(f"{variable}={value!r}: expected a port number")
 
 
 def main(argv=None) -> int:
