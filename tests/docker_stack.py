@@ -10,11 +10,13 @@ Where Docker or debootstrap cannot be had (not root, no apt), DockerUnavailable 
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -81,17 +83,33 @@ def debian_mirror() -> str:
     raise DockerUnavailable("no Debian mirror found in /etc/apt for debootstrap")
 
 
-def build_base_image(engine: Engine, workdir: Path) -> str:
-    """python3 (3.11) + venv on Debian bookworm, from the machine's own mirror."""
+# Session-level cache of the debootstrap rootfs (45 to 90 s to build here): the compose and the swarm
+# end-to-end tests each run their own engines, and both import the same tarball.
+_ROOTFS_TARS: dict[str, Path] = {}
+
+
+def base_rootfs_tar(workdir: Path) -> Path:
+    """python3 (3.11) + venv on Debian bookworm, from the machine's own mirror, as a tarball built once a session."""
+    cached = _ROOTFS_TARS.get(BASE_TAG)
+    if cached is not None and cached.exists():
+        return cached
     rootfs = workdir / "rootfs"
     result = subprocess.run(["debootstrap", "--variant=minbase", "--include=python3,python3-venv,ca-certificates",
                              "bookworm", str(rootfs), debian_mirror()], capture_output=True, text=True, timeout=900)
     if result.returncode != 0:
         raise AssertionError(f"debootstrap failed:\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}")
-    tar = subprocess.Popen(["tar", "-C", str(rootfs), "-c", "."], stdout=subprocess.PIPE)
-    engine.run("docker", "import", "-", BASE_TAG, stdin=tar.stdout)
-    tar.wait()
+    cache = Path(tempfile.mkdtemp(prefix="onnx-serving-base-"))
+    atexit.register(shutil.rmtree, cache, True)
+    subprocess.run(["tar", "-C", str(rootfs), "-cf", str(cache / "rootfs.tar"), "."], check=True, timeout=300)
     shutil.rmtree(rootfs, ignore_errors=True)
+    _ROOTFS_TARS[BASE_TAG] = cache / "rootfs.tar"
+    return cache / "rootfs.tar"
+
+
+def build_base_image(engine: Engine, workdir: Path) -> str:
+    """Import the base image into an engine (anything with Engine.run: the swarm nodes too)."""
+    with open(base_rootfs_tar(workdir), "rb") as tar:
+        engine.run("docker", "import", "-", BASE_TAG, stdin=tar)
     return BASE_TAG
 
 
