@@ -194,3 +194,16 @@ def test_export_at_the_maximum_imports_back(tmp_path):
         one_more = {"format": 1, "examples": [dict(examples[0], id=uuid.uuid4().hex)]}
         r = requests.post(f"{server.url}/state/import", json={"state": one_more}, timeout=60)
         assert r.status_code == 409 and r.json()["error"]["code"] == "too_many_examples"
+
+
+def test_a_graceful_stop_closes_the_sqlite_store(tmp_path):
+    """Stopped the usual way (SIGTERM / Ctrl-C), the classifier closes its store: the -wal and
+    -shm files are folded back into the database and removed, and what was taught is kept."""
+    folder = tmp_path / "state"
+    env = env_for(f"sqlite:///{folder / 'taught.db'}")
+    with running_service("classifier", tmp_path, env=env) as server:
+        teach(server, "kept", [IMAGES[0]])
+        assert (folder / "taught.db-wal").exists()
+    assert sorted(p.name for p in folder.iterdir()) == ["taught.db"]
+    with running_service("classifier", tmp_path, env=env) as server:
+        assert taught(server) == {"kept": 1}

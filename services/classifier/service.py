@@ -101,6 +101,13 @@ class Classifier:
     def __is_ready__(self) -> bool:
         return self.runtime.ready and self.store is not None
 
+    @bentoml.on_shutdown
+    def close_store(self) -> None:
+        """A graceful stop closes the store: SQLite then folds its -wal file back into the
+        database and removes it, PostgreSQL sees its connection end."""
+        if self.store is not None:
+            self.store.close()
+
     def model_choices(self) -> dict:
         """For /docs.json: the classifiers /classify and /embed take, the models teach and its
         kin take (model optional where there is a default)."""
