@@ -222,4 +222,4 @@ def test_losing_a_node_leaves_the_stack_serving_from_the_other(swarm):
             and sorted(status) != ["Down", "Ready"]:
         assert time.monotonic() < deadline, f"the manager did not see node2 down: {status}"
         time.sleep(1)
-    log(f"the manager sees node2 down; node1 still serves /act /generate /check")
+    log("the manager sees node2 down; node1 still serves /act /generate /check")

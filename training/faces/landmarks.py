@@ -18,12 +18,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from services.face_geometry import LANDMARK_SIZE as SIZE
+from services.face_geometry import LANDMARK_SIZE as SIZE  # noqa: F401 - the input side, for callers
 from services.face_geometry import landmark_input as crop  # noqa: F401 - face-api's names
 from services.face_geometry import landmark_points as to_image_points  # noqa: F401
 from training.faces.tfjs import read_weights
