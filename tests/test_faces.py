@@ -236,3 +236,29 @@ def test_check_lists_a_face_too_small_to_name_without_a_name(server):
     assert r.status_code == 200, r.text
     (face,) = r.json()["results"][0]["faces"]
     assert face["too_small"] and face["name"] is None and not face["matched"]
+
+
+def test_the_export_command_reproduces_the_shipped_networks(tmp_path):
+    """python -m training faces, from the npm package, gives the shipped ONNX files byte for byte."""
+    import shutil
+    import subprocess
+    import sys
+
+    if not shutil.which("npm"):
+        pytest.skip("npm is not installed: the export fetches @vladmandic/face-api with npm pack")
+    cache = tmp_path / "cache"
+    fetch = subprocess.run(["npm", "pack", "--silent", "@vladmandic/face-api@1.7.15"], cwd=tmp_path,
+                           capture_output=True, text=True, timeout=300)
+    if fetch.returncode != 0:
+        pytest.skip(f"npm pack could not fetch the package here: {fetch.stderr.strip()[-300:]}")
+    (cache).mkdir()
+    shutil.move(str(tmp_path / fetch.stdout.strip().splitlines()[-1]), str(cache))
+    result = subprocess.run([sys.executable, "-m", "training", "faces", "--version", "1", "--models-dir",
+                             str(tmp_path / "models"), "--cache", str(cache)], cwd=Path(__file__).parents[1],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    for name in ("face_detector", "face_landmarks", "faces"):
+        shipped = json.loads((REPOSITORY / name / "1" / "model.json").read_text())
+        made = json.loads((tmp_path / "models" / name / "1" / "model.json").read_text())
+        assert made["sha256"] == shipped["sha256"], name
+        assert made["contract"] == shipped["contract"] and made["metrics"] == shipped["metrics"], name

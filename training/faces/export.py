@@ -44,10 +44,11 @@ def fetch_face_api(cache: Path) -> Path:
     if (unpacked / "model").is_dir():
         return unpacked
     cache.mkdir(parents=True, exist_ok=True)
-    print(f"fetching {PACKAGE}@{PACKAGE_VERSION} with npm pack ...", flush=True)
-    name = subprocess.run(["npm", "pack", "--silent", f"{PACKAGE}@{PACKAGE_VERSION}"], cwd=cache, check=True,
-                          capture_output=True, text=True).stdout.strip().splitlines()[-1]
-    tarball = cache / name
+    tarball = cache / f"vladmandic-face-api-{PACKAGE_VERSION}.tgz"  # npm pack's name for it
+    if not tarball.exists():  # a tarball put there by hand serves offline sites
+        print(f"fetching {PACKAGE}@{PACKAGE_VERSION} with npm pack ...", flush=True)
+        subprocess.run(["npm", "pack", "--silent", f"{PACKAGE}@{PACKAGE_VERSION}"], cwd=cache, check=True,
+                       capture_output=True, text=True)
     digest = hashlib.sha256(tarball.read_bytes()).hexdigest()
     if digest != PACKAGE_SHA256:
         raise SystemExit(f"{tarball}: sha256 {digest} is not the pinned {PACKAGE_SHA256}")
