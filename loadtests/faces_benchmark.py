@@ -63,7 +63,7 @@ def steps(pipeline: Pipeline, rgb: np.ndarray, repeats: int) -> dict[str, float]
 
     def detect():
         boxes, scores = pipeline.detector.run(None, {"image": net_input})
-        return face_geometry.detections(boxes[0], scores[0], size)
+        return face_geometry.faces_found(boxes[0], scores[0], size)
 
     found = detect()
     crops = [face_geometry.landmark_input(rgb, (x0, y0, x1 - x0, y1 - y0)) for x0, y0, x1, y1, _ in found]

@@ -2,7 +2,7 @@
 comes out of the three face networks, and alignment as dlib does it.
 
     net_input, size = detector_input(rgb)                      # [1, 3, 512, 512], face-api's padding
-    found = detections(boxes, scores, size)                    # [(x0, y0, x1, y1, score)] in pixels
+    found = faces_found(boxes, scores, size)                   # [(x0, y0, x1, y1, score)], biggest first
     face_input, crop = landmark_input(rgb, (x, y, w, h))       # [1, 3, 112, 112]
     points = landmark_points(relative, crop)                   # [68, 2] in pixels
     chip = align(rgb, points)                                  # uint8 [150, 150, 3], the descriptor's input
@@ -225,6 +225,15 @@ def detections(boxes: np.ndarray, scores: np.ndarray, size: Size, min_confidence
         right, bottom = min(1.0, x1) * pad_x * size.width, min(1.0, y1) * pad_y * size.height
         faces.append((left, top, right, bottom, float(scores[i])))
     return faces
+
+
+def faces_found(boxes: np.ndarray, scores: np.ndarray, size: Size, min_confidence: float = 0.5,
+                max_faces: int | None = None) -> list[tuple[float, float, float, float, float]]:
+    """What the pipeline uses of detections(): boxes clipped to the photo (face-api lets a box
+    reach into its padding), biggest first (the shorter side), at most max_faces."""
+    found = [(max(0.0, x0), max(0.0, y0), min(float(size.width), x1), min(float(size.height), y1), score)
+             for x0, y0, x1, y1, score in detections(boxes, scores, size, min_confidence)]
+    return sorted(found, key=lambda f: -min(f[2] - f[0], f[3] - f[1]))[:max_faces]
 
 
 def round_half_up(x: float) -> int:

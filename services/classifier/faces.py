@@ -77,12 +77,7 @@ class FacePipeline:
         detector, landmarker = self.model("face_detector"), self.model("face_landmarks")
         net_input, frame = await asyncio.to_thread(face_geometry.detector_input, rgb)
         boxes, scores = await detector(net_input)
-        found = face_geometry.detections(boxes[0], scores[0], frame, self.limits.min_score)
-        height, width = rgb.shape[:2]
-        # face-api lets a box reach into the detector's padding; a caller wants it inside the photo
-        found = [(max(0.0, x0), max(0.0, y0), min(float(width), x1), min(float(height), y1), score)
-                 for x0, y0, x1, y1, score in found]
-        found = sorted(found, key=lambda f: -min(f[2] - f[0], f[3] - f[1]))[:self.limits.max_faces]
+        found = face_geometry.faces_found(boxes[0], scores[0], frame, self.limits.min_score, self.limits.max_faces)
         if not found:
             return []
         # the landmark net gets the detector's box as face-api gives it (x, y, width, height)

@@ -344,9 +344,11 @@ class Classifier:
     def threshold(self, model) -> float:
         return self.match_rule(model)["threshold"]
 
-    async def embeddings(self, model, images, face: int | None = None) -> np.ndarray:
+    async def embeddings(self, model, images, face: Any = None) -> np.ndarray:
+        """One embedding per image; for faces, of its only face or of the one `face` names."""
         if is_faces(model):
-            return await self.face_descriptors(images, face)
+            index = None if face is None else int_field(face, "face", 0, self.faces.limits.max_faces - 1)
+            return await self.face_descriptors(images, index)
         if face is not None:
             raise bad_request("invalid_field", "face applies to the faces model only", "face")
         return (await self.infer(model, images))["embedding"]
@@ -357,7 +359,6 @@ class Classifier:
         if problem is not None:
             raise problem
         name = self.check_name(name)
-        face = None if face is None else int_field(face, "face", 0, self.faces.limits.max_faces - 1)
         model = self.teach_model(model)
         embeddings = await self.embeddings(model, images, face)
         taught = taught_state.now()
@@ -415,7 +416,6 @@ class Classifier:
         if problem is not None:
             raise problem
         limit = int_field(limit, "limit", 1, self.limits.similar)
-        face = None if face is None else int_field(face, "face", 0, self.faces.limits.max_faces - 1)
         teach_model = self.teach_model(model)
         embeddings = await self.embeddings(teach_model, images, face)
         nearest, _ = await self.stored(self.matcher.nearest, teach_model.card["sha256"], embeddings, limit)

@@ -48,7 +48,7 @@ class Pipeline:
         """68 landmarks of every face, biggest first."""
         net_input, size = face_geometry.detector_input(rgb)
         boxes, scores = self.detector.run(None, {"image": net_input})
-        found = sorted(face_geometry.detections(boxes[0], scores[0], size), key=lambda f: -min(f[2] - f[0], f[3] - f[1]))
+        found = face_geometry.faces_found(boxes[0], scores[0], size)
         points = []
         for x0, y0, x1, y1, _ in found:
             face, crop = face_geometry.landmark_input(rgb, (x0, y0, x1 - x0, y1 - y0))
