@@ -31,45 +31,71 @@ class DockerUnavailable(RuntimeError):
 
 
 class Engine:
-    def __init__(self, workdir: Path):
-        if os.geteuid() != 0:
-            raise DockerUnavailable("starting a private Docker engine needs root")
-        missing = [tool for tool in TOOLS if not shutil.which(tool)]
-        if missing:
-            raise DockerUnavailable(f"not installed: {', '.join(missing)} (`make test` installs them as root: "
-                                    "apt-get install docker.io docker-compose debootstrap)")
-        self.dir = workdir
-        self.env = {**os.environ, "DOCKER_HOST": f"unix://{workdir}/docker.sock"}
-        self.log = open(workdir / "dockerd.log", "w")
-        self.process = subprocess.Popen(
-            ["dockerd", "--host", self.env["DOCKER_HOST"], "--data-root", str(workdir / "data"),
-             "--exec-root", str(workdir / "exec"), "--pidfile", str(workdir / "docker.pid")],
-            stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + 60
-        while self.run("docker", "info", check=False).returncode != 0:
+    """A private dockerd with its own socket and folders under `workdir`; inside a network
+    namespace (a swarm node: tests/swarm.py) when `netns` is given."""
+
+    def __init__(self, workdir: Path, netns: str | None = None, name: str = "engine", start: bool = True):
+        self.dir, self.netns, self.name = Path(workdir), netns, name
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.env = {**os.environ, "DOCKER_HOST": f"unix://{self.dir}/docker.sock"}
+        self.process: subprocess.Popen | None = None
+        self.log = None
+        if start:
+            if os.geteuid() != 0:
+                raise DockerUnavailable("starting a private Docker engine needs root")
+            missing = [tool for tool in TOOLS if not shutil.which(tool)]
+            if missing:
+                raise DockerUnavailable(f"not installed: {', '.join(missing)} (`make test` installs them as root: "
+                                        "apt-get install docker.io docker-compose debootstrap)")
+            self.start()
+
+    def start(self, timeout: float = 60) -> None:
+        command = ["dockerd", "--host", self.env["DOCKER_HOST"], "--data-root", str(self.dir / "data"),
+                   "--exec-root", str(self.dir / "exec"), "--pidfile", str(self.dir / "docker.pid")]
+        if self.netns:
+            # `ip netns exec` remounts /sys and dockerd then fails ("Devices cgroup isn't mounted"):
+            # nsenter enters only the network namespace (and execs dockerd, so the pid is dockerd's).
+            # No bridge or iptables rules of its own: the namespace's network is the harness's.
+            command = ["nsenter", f"--net=/run/netns/{self.netns}", *command,
+                       "--bridge=none", "--iptables=false", "--ip6tables=false"]
+        self.log = open(self.dir / "dockerd.log", "w")
+        self.process = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while self.run("docker", "info", check=False, timeout=10).returncode != 0:
             if self.process.poll() is not None or time.monotonic() > deadline:
                 self.stop()
-                raise DockerUnavailable(f"dockerd did not start: {(workdir / 'dockerd.log').read_text()[-1500:]}")
-            time.sleep(0.5)
+                raise DockerUnavailable(f"dockerd ({self.name}) did not start: "
+                                        f"{(self.dir / 'dockerd.log').read_text()[-1500:]}")
+            time.sleep(0.3)
 
     def run(self, *command: str, check: bool = True, timeout: float = 600, env: dict | None = None,
             **kwargs) -> subprocess.CompletedProcess:
         result = subprocess.run(command, env={**self.env, **(env or {})}, cwd=ROOT, capture_output=True,
                                 text=True, timeout=timeout, **kwargs)
         if check and result.returncode != 0:
-            raise AssertionError(f"{' '.join(command)} failed ({result.returncode}):\n"
+            raise AssertionError(f"[{self.name}] {' '.join(command)} failed ({result.returncode}):\n"
                                  f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
         return result
 
-    def stop(self) -> None:
-        if self.process.poll() is None:
+    def docker(self, *args: str, **kwargs) -> subprocess.CompletedProcess:
+        return self.run("docker", *args, **kwargs)
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def stop(self, timeout: float = 60) -> None:
+        """SIGTERM to dockerd (it stops its containers and containerd), SIGKILL if it hangs."""
+        if self.running:
             os.killpg(self.process.pid, signal.SIGTERM)
             try:
-                self.process.wait(60)
+                self.process.wait(timeout)
             except subprocess.TimeoutExpired:
                 os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
-        self.log.close()
+                self.process.wait(10)
+        if self.log is not None:
+            self.log.close()
+            self.log = None
 
 
 def debian_mirror() -> str:

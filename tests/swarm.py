@@ -39,6 +39,8 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from docker_stack import Engine
+
 ROOT = Path(__file__).resolve().parent.parent
 TOOLS = ("dockerd", "docker", "nsenter", "ip", "debootstrap")
 SUBNET = "198.18.0"
@@ -91,63 +93,15 @@ def in_netns(path: str):
         os.close(original)
 
 
-class Node:
-    """One dockerd in its own network namespace."""
+class Node(Engine):
+    """One swarm node: a dockerd in its own network namespace, at `address` on the bridge."""
 
     def __init__(self, name: str, netns: str, address: str, workdir: Path):
-        self.name, self.netns, self.address, self.dir = name, netns, address, workdir
-        self.dir.mkdir(parents=True)
-        self.env = {**os.environ, "DOCKER_HOST": f"unix://{workdir}/docker.sock"}
-        self.process: subprocess.Popen | None = None
-        self.log_file = None
+        super().__init__(workdir, netns=netns, name=name, start=False)
+        self.address = address
 
-    def start(self, timeout: float = 60) -> None:
-        self.log_file = open(self.dir / "dockerd.log", "w")
-        # `ip netns exec` remounts /sys and dockerd then fails ("Devices cgroup isn't mounted"):
-        # nsenter enters only the network namespace (and execs dockerd, so the pid is dockerd's).
-        self.process = subprocess.Popen(
-            ["nsenter", f"--net=/run/netns/{self.netns}", "dockerd", "--host", self.env["DOCKER_HOST"],
-             "--data-root", str(self.dir / "data"), "--exec-root", str(self.dir / "exec"),
-             "--pidfile", str(self.dir / "docker.pid"), "--bridge=none", "--iptables=false", "--ip6tables=false"],
-            stdout=self.log_file, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + timeout
-        while self.run("docker", "info", check=False, timeout=10).returncode != 0:
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"dockerd on {self.name} did not start:\n{self.dockerd_log()[-2000:]}")
-            time.sleep(0.3)
-
-    def dockerd_log(self) -> str:
-        path = self.dir / "dockerd.log"
-        return path.read_text(errors="replace") if path.exists() else ""
-
-    def run(self, *command: str, check: bool = True, timeout: float = 120, env: dict | None = None,
-            **kwargs) -> subprocess.CompletedProcess:
-        result = subprocess.run(command, env={**self.env, **(env or {})}, cwd=ROOT, capture_output=True, text=True,
-                                timeout=timeout, **kwargs)
-        if check and result.returncode != 0:
-            raise AssertionError(f"[{self.name}] {' '.join(command)} failed ({result.returncode}):\n"
-                                 f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
-        return result
-
-    def docker(self, *args: str, **kwargs) -> subprocess.CompletedProcess:
-        return self.run("docker", *args, **kwargs)
-
-    @property
-    def running(self) -> bool:
-        return self.process is not None and self.process.poll() is None
-
-    def stop(self, timeout: float = 60) -> None:
-        """SIGTERM to dockerd (it stops its containers and containerd), SIGKILL if it hangs."""
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(10)
-        if self.log_file is not None:
-            self.log_file.close()
-            self.log_file = None
+    def run(self, *command: str, timeout: float = 120, **kwargs) -> subprocess.CompletedProcess:
+        return super().run(*command, timeout=timeout, **kwargs)
 
 
 class Cluster:
