@@ -34,15 +34,33 @@ class DynamicBatcher:
         self._queue: deque[tuple[np.ndarray, asyncio.Future]] = deque()
         self._wakeup: asyncio.Event | None = None
         self._worker: asyncio.Task | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._closed = False
+
+    def close(self) -> None:
+        """The model is unloaded: finish what is queued, then let the worker task and thread go
+        (they hold the model's session). Callable from any thread. A request that took the
+        model before it was unloaded still gets its answer, run on its own."""
+        self._closed = True
+        if self._loop is not None and self._wakeup is not None:
+            try:
+                self._loop.call_soon_threadsafe(self._wakeup.set)
+            except RuntimeError:  # the loop has ended
+                pass
+        else:
+            self._executor.shutdown(wait=False)
 
     async def __call__(self, rows: np.ndarray) -> list[np.ndarray]:
         """Run the model on rows [n, ...]; returns its outputs for exactly these rows."""
         loop = asyncio.get_running_loop()
+        if self._closed:
+            return list(await asyncio.to_thread(self.infer, rows))
         if not self.enabled:
             self.on_batch(len(rows))
             return list(await loop.run_in_executor(self._executor, self.infer, rows))
         if self._worker is None or self._worker.done():
             self._wakeup = asyncio.Event()
+            self._loop = loop
             self._worker = loop.create_task(self._run())
         future = loop.create_future()
         self._queue.append((rows, future))
@@ -51,7 +69,7 @@ class DynamicBatcher:
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
-        while True:
+        while not (self._closed and not self._queue):
             await self._wakeup.wait()
             self._wakeup.clear()
             while self._queue:
@@ -77,6 +95,7 @@ class DynamicBatcher:
                     if not future.done():  # the client may have gone away
                         future.set_result([out[start:end] for out in outputs])
                     start = end
+        self._executor.shutdown(wait=False)
 
     def _take(self) -> list[tuple[np.ndarray, asyncio.Future]]:
         """Queued requests in arrival order, up to max_rows rows (at least one request).
