@@ -6,6 +6,7 @@
   classifier  fine-tune, evaluate and export an image classifier (training/classifier.py)
   evidence    pretrained vs scratch at 10, 100 and all images per class (training/evidence.py)
   faces       port face-api's face networks to ONNX, check them against face-api and dlib (training/faces/)
+  probes      record the inputs a new model version is gated on (training/probes.py)
 """
 
 import importlib
@@ -13,7 +14,7 @@ import sys
 
 COMMANDS = {"policy": "training.policy", "play": "training.play", "gan": "training.gan",
             "classifier": "training.classifier", "evidence": "training.evidence",
-            "faces": "training.faces.export"}
+            "faces": "training.faces.export", "probes": "training.probes"}
 
 
 def main() -> None:
