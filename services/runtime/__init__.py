@@ -1,11 +1,20 @@
 """The serving runtime shared by every service: model repository, device choice, sessions,
 adaptive batching, limits, errors, auth and metrics. Services hold one Runtime each."""
 
+from pydantic import Field
+
 from services.runtime import connections
 from services.runtime.config import Settings
 from services.runtime.core import LoadedModel, Runtime
 from services.runtime.errors import ApiError, api_errors, bad_request
 from services.runtime.http import ServiceHttp
+
+VERSION_FIELD = Field(description="a loaded version of the model (see /info); default: the serving one")
+
+
+def version_of(value: str | int | None) -> str | None:
+    """A request's `version` field as the runtime names versions ("2")."""
+    return None if value is None else str(value)
 
 
 def add_http_layer(service, name: str, settings: Settings | None = None,
@@ -30,4 +39,5 @@ def add_http_layer(service, name: str, settings: Settings | None = None,
     connections.install(settings.header_timeout)  # before uvicorn accepts the first connection
 
 
-__all__ = ["ApiError", "LoadedModel", "Runtime", "Settings", "add_http_layer", "api_errors", "bad_request"]
+__all__ = ["VERSION_FIELD", "ApiError", "LoadedModel", "Runtime", "Settings", "add_http_layer", "api_errors",
+           "bad_request", "version_of"]

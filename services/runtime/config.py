@@ -45,6 +45,13 @@ def service_options(service: str) -> dict:
     return {"workers": settings.workers, "traffic": {"timeout": settings.request_timeout + 10}}
 
 
+def _fraction(name: str, default: float, maximum: float = 1.0) -> float:
+    value = _float(name, default)
+    if not 0 <= value <= maximum:  # NaN fails too
+        raise ValueError(f"{name}={value} must be a number from 0 to {maximum:g}")
+    return value
+
+
 def _pins(raw: str) -> dict[str, str]:
     """MODEL_VERSIONS="cartpole=1,lunarlander=3" pins versions; unpinned models take the newest."""
     pins = {}
@@ -87,6 +94,12 @@ class Settings:
     header_timeout: float = 10.0       # seconds to receive a request's headers (the connection closes after)
     allowed_origins: tuple[str, ...] = ()     # web pages allowed to call POST endpoints (CORS); "*": any
     allowed_hosts: tuple[str, ...] = ("*",)   # Host headers served; "*": any
+    admin_key: str | None = None       # bearer key of the model control endpoints; unset: they are off
+    gate_min_agreement: float = 0.9    # a new version must agree this much with the serving one
+    gate_quality_tolerance: float = 0.05  # a new version's card figure may be this much worse (a fraction)
+    control_dir: Path = Path("data")   # <dir>/<service>/serving.json: the versions chosen over the admin API
+    control_poll: float = 1.0          # seconds between a worker's looks at that file
+    rollout_log_seconds: float = 60.0  # while several versions are loaded: a log line of answers per version
 
     @classmethod
     def from_env(cls, service: str | None = None) -> "Settings":
@@ -116,6 +129,12 @@ class Settings:
             header_timeout=_positive("HEADER_TIMEOUT", cls.header_timeout),
             allowed_origins=_list("ALLOWED_ORIGINS", ()),
             allowed_hosts=_list("ALLOWED_HOSTS", ("*",)),
+            admin_key=os.environ.get("ADMIN_KEY") or None,
+            gate_min_agreement=_fraction("GATE_MIN_AGREEMENT", cls.gate_min_agreement),
+            gate_quality_tolerance=_fraction("GATE_QUALITY_TOLERANCE", cls.gate_quality_tolerance, maximum=10.0),
+            control_dir=Path(os.environ.get("MODEL_CONTROL_DIR", "").strip() or "data"),
+            control_poll=_positive("MODEL_CONTROL_POLL", cls.control_poll),
+            rollout_log_seconds=_positive("ROLLOUT_LOG_SECONDS", cls.rollout_log_seconds),
         )
 
     def limits(self) -> dict:

@@ -18,6 +18,7 @@
   its work is cancelled; so is the work of a request whose client has gone away.
 - One error shape: BentoML's own 4xx/5xx answers (request validation, unknown route, wrong
   media type) are rewritten into the shape of errors.py, naming the field.
+- Admin: /models/... is the model control API (admin.py), behind ADMIN_KEY, not API_KEY.
 - GET /info: the service's info(); GET /: the Swagger UI page without third-party scripts;
   GET /docs.json: BentoML's OpenAPI document with the error responses made true (openapi.py).
 """
@@ -30,8 +31,9 @@ import json
 import logging
 from urllib.parse import urlsplit
 
+from services.runtime import admin
 from services.runtime.config import Settings
-from services.runtime.errors import clip, error_body, shown
+from services.runtime.errors import ApiError, clip, error_body, shown
 from services.runtime.metrics import metrics
 from services.runtime.openapi import describe_errors
 
@@ -64,6 +66,7 @@ class ServiceHttp:
                  json_routes: set[str] | None = None, error_statuses: dict[str, str] | None = None):
         self.app, self.service, self.max_body_bytes = app, service, settings.max_body_bytes
         self.api_key = settings.api_key.encode() if settings.api_key else None
+        self.admin_key = settings.admin_key
         self.body_limits = body_limits or {}  # route -> its own limit (the classifier's /state/import)
         self.json_routes = json_routes or set()
         self.allowed_origins = {o.rstrip("/").lower() for o in settings.allowed_origins}
@@ -101,6 +104,8 @@ class ServiceHttp:
             return await _send_bytes(send, 200, DOCS_INIT, "text/javascript; charset=utf-8")
         if method == "GET" and path == "/docs.json":
             return await self.app(scope, receive, _rewriting_json(send, self._describe_errors))
+        if admin.is_admin_path(path):
+            return await self._admin(scope, receive, send, method, path, origin, listed)
         if self.api_key is not None and method not in OPEN_METHODS and not self._authorized(scope):
             return await self._error(send, 401, "unauthorized",
                                      "missing or wrong API key: send 'Authorization: Bearer <key>'",
@@ -177,6 +182,32 @@ class ServiceHttp:
             await self._error(send, 504, "timeout", f"the request was not answered within "
                               f"{self.request_timeout:g} s (REQUEST_TIMEOUT); its work was stopped")
 
+    async def _admin(self, scope, receive, send, method, path, origin, listed):
+        """The model control API (admin.py): its own key, then the usual origin and body rules."""
+        import bentoml
+
+        try:
+            admin.authorize(self.admin_key, _header(scope, b"authorization"))
+            if origin is not None and not listed and not _same_origin(origin, scope):
+                return await self._cross_origin(send, origin)
+            body, complete = await asyncio.wait_for(self._read_body(receive, admin.MAX_BODY), self.body_timeout)
+            if not complete:
+                return await self._too_large(send, admin.MAX_BODY)
+            action, name, args = admin.parse(method, path, body)
+            instance = bentoml.get_current_service()
+            if instance is None:
+                raise ApiError(503, "not_ready", "the service is starting")
+            answer = await admin.run(instance.runtime, action, name, args)
+        except ApiError as exc:
+            headers = [(b"www-authenticate", b"Bearer")] if exc.status == 401 else ()
+            return await self._error(send, exc.status, exc.code, exc.message, exc.field, headers, **exc.extra)
+        except asyncio.TimeoutError:
+            return await self._error(send, 408, "body_timeout", f"the request body did not arrive within "
+                                     f"{self.body_timeout:g} s (BODY_TIMEOUT)")
+        logging.getLogger("services.runtime").info("%s: admin %s %s -> %s", self.service, method, path,
+                                                   {k: v for k, v in answer.items() if k != "gate"})
+        await _send_json(send, 200, answer)
+
     def _describe_errors(self, document: dict) -> dict:
         import bentoml
 
@@ -230,10 +261,10 @@ class ServiceHttp:
     def _count(self, status: int, code: str) -> None:
         metrics()["errors"].labels(self.service, str(status), code).inc()
 
-    async def _error(self, send, status, code, message, field=None, headers=()):
+    async def _error(self, send, status, code, message, field=None, headers=(), **extra):
         self._count(status, code)
         log.debug("rejected: %d %s %s", status, code, message)  # one short line, never a traceback
-        await _send_json(send, status, error_body(status, code, message, field), headers)
+        await _send_json(send, status, error_body(status, code, message, field, **extra), headers)
 
 
 def _header(scope, name: bytes) -> str | None:

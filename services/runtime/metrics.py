@@ -29,6 +29,13 @@ def metrics():
             "model_info", "Loaded model version (value 1), with the provider in use",
             ["service", "model", "version", "sha256", "provider"], multiprocess_mode="liveall",
         ),
+        "serving": prom.Gauge(
+            "model_serving", "1 for the version of each model that serves requests, 0 for the others loaded",
+            ["service", "model", "version"], multiprocess_mode="liveall",
+        ),
+        "answers": prom.Counter(
+            "model_requests", "Requests taken by each model version", ["service", "model", "version"],
+        ),
         "errors": prom.Counter(
             "api_errors", "Error responses by code", ["service", "status", "code"],
         ),
