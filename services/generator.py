@@ -28,7 +28,8 @@ import numpy as np
 from pydantic import Field
 from starlette.responses import Response
 
-from services.runtime import LoadedModel, Runtime, add_http_layer, api_errors, bad_request
+from services.runtime import (VERSION_FIELD, LoadedModel, Runtime, add_http_layer, api_errors, bad_request,
+                              version_of)
 from services.runtime.config import service_options
 from services.runtime.errors import shown
 
@@ -195,8 +196,9 @@ class Generator:
         truncation: Annotated[float, Field(description="scale latents by this, in (0, 1]")] = 1.0,
         format: Annotated[str, Field(description="json (base64 PNGs) or png (one image, a grid when n > 1)")] = "json",
         model: Annotated[str | None, Field(description="generator name; optional when one is loaded")] = None,
+        version: Annotated[str | int | None, VERSION_FIELD] = None,
     ) -> Any:
-        generator = self.runtime.get(model)
+        generator = self.runtime.get(model, version=version_of(version))
         latent_dim = generator.card["contract"]["latent_dim"]
         check_format(format, GENERATE_FORMATS)
         scale = check_truncation(truncation)
@@ -235,8 +237,9 @@ class Generator:
         truncation: Annotated[float, Field(description="scale latents by this, in (0, 1]")] = 1.0,
         format: Annotated[str, Field(description="json (base64 PNG frames), png (a grid) or gif (animated)")] = "json",
         model: Annotated[str | None, Field(description="generator name; optional when one is loaded")] = None,
+        version: Annotated[str | int | None, VERSION_FIELD] = None,
     ) -> Any:
-        generator = self.runtime.get(model)
+        generator = self.runtime.get(model, version=version_of(version))
         latent_dim = generator.card["contract"]["latent_dim"]
         check_seed(seed_a, "seed_a")
         check_seed(seed_b, "seed_b")

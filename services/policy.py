@@ -12,7 +12,8 @@ import bentoml
 import numpy as np
 from pydantic import Field
 
-from services.runtime import LoadedModel, Runtime, add_http_layer, api_errors, bad_request
+from services.runtime import (VERSION_FIELD, LoadedModel, Runtime, add_http_layer, api_errors, bad_request,
+                              version_of)
 from services.runtime.config import service_options
 
 SERVICE = "policy"
@@ -106,8 +107,9 @@ class Policy:
         model: Annotated[str | None, Field(description="policy name; optional when one policy is loaded")] = None,
         deterministic: Annotated[bool, Field(description="greedy action (true) or sampled (false)")] = True,
         seed: Annotated[int | None, Field(description="seed for sampled actions", ge=0, le=2**63 - 1)] = None,
+        version: Annotated[str | int | None, VERSION_FIELD] = None,
     ) -> dict:
-        policy = self.runtime.get(model)
+        policy = self.runtime.get(model, version=version_of(version))
         obs_shape = policy.card["contract"]["observation_space"]["shape"]
         batch = validate_observations(observations, obs_shape, self.runtime.settings.max_batch_size)
         outputs = await policy(batch)

@@ -88,11 +88,11 @@ class FacePipeline:
                      face_geometry.landmark_points(points, crop))
                 for (x0, y0, x1, y1, score), (_, crop), points in zip(found, crops, relative)]
 
-    async def describe(self, rgb: np.ndarray, faces: list[Face]) -> np.ndarray:
-        """Unit-length 128-d descriptors of the given faces of one photo (dlib's chips, dlib's
-        network). dlib compares raw descriptors (about 1.4 long); the store keeps every embedding
-        at unit length, so the card's threshold is dlib's 0.6 on that scale."""
-        descriptor = self.model("face_descriptor")
+    async def describe(self, rgb: np.ndarray, faces: list[Face], descriptor) -> np.ndarray:
+        """Unit-length 128-d descriptors of the given faces of one photo (dlib's chips; `descriptor`
+        is the version of dlib's network the request took). dlib compares raw descriptors (about
+        1.4 long); the store keeps every embedding at unit length, so the card's threshold is
+        dlib's 0.6 on that scale."""
         chips = await asyncio.to_thread(lambda: np.stack([face_geometry.align(rgb, f.landmarks) for f in faces]))
         raw = (await descriptor(chips.transpose(0, 3, 1, 2).astype(np.float32)))[0]
         return raw / np.maximum(np.linalg.norm(raw, axis=1, keepdims=True), 1e-12)

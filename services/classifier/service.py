@@ -46,7 +46,7 @@ from services.classifier.faces import FACE_KINDS, Face, FaceLimits, FacePipeline
 from services.classifier.store import Example, StoreError, TooManyExamples, open_store
 from services.classifier.uploads import (CheckUpload, ClassifyUpload, DetectUpload, EmbedUpload, SimilarUpload,
                                          TeachUpload, decode_batch, decode_photos)
-from services.runtime import ApiError, Runtime, add_http_layer, api_errors, bad_request
+from services.runtime import VERSION_FIELD, ApiError, Runtime, add_http_layer, api_errors, bad_request, version_of
 from services.runtime.config import _float, service_options
 from services.runtime.errors import shown
 
@@ -81,6 +81,8 @@ def face_distance(similarity: float) -> float:
 class Classifier:
     def __init__(self) -> None:
         self.runtime = Runtime(service=SERVICE, kind=("classifier", *FACE_KINDS))
+        self.runtime.on_load.append(self.prepare_search)
+        self.runtime.serve_checks.append(self.taught_carries_over)
         self.limits = Limits(self.runtime.settings.max_batch_size)
         self.faces = FacePipeline(self.runtime, FaceLimits())
         self.store_url = os.environ.get("TEACH_STORE", "").strip() or DEFAULT_STORE
@@ -153,7 +155,7 @@ class Classifier:
             return self.not_ready(f"taught state {self.legacy_state} cannot be read: {exc}")
         try:
             matcher = Matcher(store)
-            for model in self.teachable():  # each model's cache or index, before ready
+            for model in self.teachable_versions():  # each model's cache or index, before ready
                 matcher.prepare(model.card["sha256"], embedding_dim(model))
         except (StoreError, ApiError) as exc:
             return self.not_ready(f"taught examples cannot be prepared for search: {getattr(exc, 'message', exc)}")
@@ -181,10 +183,33 @@ class Classifier:
         return f"{scheme}{sep}{user}{':***' if colon else ''}{at}{host}"
 
     def teachable(self) -> list:
+        """The serving version of each model that can be taught."""
         return [m for m in self.runtime.models.values() if m.card.get("kind") in TEACHABLE]
 
+    def teachable_versions(self) -> list:
+        """Every loaded version that can be taught: each keeps its own taught examples."""
+        return [m for versions in self.runtime.versions.values() for m in versions.values()
+                if m.card.get("kind") in TEACHABLE]
+
     def dims(self) -> dict[str, int]:
-        return {m.card["sha256"]: embedding_dim(m) for m in self.teachable()}
+        return {m.card["sha256"]: embedding_dim(m) for m in self.teachable_versions()}
+
+    def prepare_search(self, model) -> None:
+        """A version loaded live: build its taught-example cache or index before it can serve."""
+        if self.matcher is not None and model.card.get("kind") in TEACHABLE:
+            self.matcher.prepare(model.card["sha256"], embedding_dim(model))
+
+    def taught_carries_over(self, candidate, serving, force: bool) -> None:
+        """Taught examples belong to the version whose embedding made them: a switch to a version
+        taught nothing would forget everyone at once. Refused (409) unless forced."""
+        if force or candidate.card.get("kind") not in TEACHABLE or self.store is None:
+            return
+        before, after = self.store.count(serving.card["sha256"]), self.store.count(candidate.card["sha256"])
+        if before and not after:
+            raise ApiError(409, "untaught_version", f"{candidate.name} version {candidate.version} has no taught "
+                           f"examples and the serving version {serving.version} has {before}: teach them to it first "
+                           f"(POST /teach with version={candidate.version}, while {serving.version} serves), or "
+                           "switch with \"force\": true to start it with none", field="version")
 
     def check_name(self, name: Any, field: str = "name") -> str:
         return check_name(name, self.limits.name_length, field)
@@ -279,22 +304,22 @@ class Classifier:
                            f"of {self.faces.limits.min_size} (FACE_MIN_SIZE); send a larger or closer photo", where)
         return chosen
 
-    async def face_descriptors(self, images, face: int | None) -> np.ndarray:
+    async def face_descriptors(self, images, face: int | None, descriptor) -> np.ndarray:
         """One descriptor per photo: its only face, or the one `face` names."""
         vectors = []
         for i, rgb in enumerate(await self.photos(images)):
             chosen = self.choose_face(i, await self.faces.find(rgb), face)
-            vectors.append((await self.faces.describe(rgb, [chosen]))[0])
+            vectors.append((await self.faces.describe(rgb, [chosen], descriptor))[0])
         return np.stack(vectors)
 
     # Classification ------------------------------------------------------------------------
 
     @bentoml.api(route="/classify", input_spec=ClassifyUpload)
     @api_errors
-    async def classify(self, images, problem=None, top_k=5, model=None) -> dict:
+    async def classify(self, images, problem=None, top_k=5, model=None, version=None) -> dict:
         if problem is not None:
             raise problem
-        classifier = self.runtime.get(model, kind="classifier")
+        classifier = self.runtime.get(model, kind="classifier", version=version)
         labels = classifier.card["contract"]["labels"]
         k = int_field(top_k, "top_k", 1, len(labels))
         probabilities = softmax((await self.infer(classifier, images))["logits"])
@@ -305,10 +330,10 @@ class Classifier:
 
     @bentoml.api(route="/embed", input_spec=EmbedUpload)
     @api_errors
-    async def embed(self, images, problem=None, model=None) -> dict:
+    async def embed(self, images, problem=None, model=None, version=None) -> dict:
         if problem is not None:
             raise problem
-        classifier = self.runtime.get(model, kind="classifier")
+        classifier = self.runtime.get(model, kind="classifier", version=version)
         embeddings = (await self.infer(classifier, images))["embedding"]
         return {"embeddings": embeddings.tolist(), "dim": int(embeddings.shape[1]),
                 "model": classifier.name, "version": classifier.version}
@@ -322,9 +347,9 @@ class Classifier:
         names = sorted(m.name for m in self.teachable() if is_faces(m)) or sorted(m.name for m in self.teachable())
         return names[0] if len(names) == 1 else None
 
-    def teach_model(self, name: str | None = None):
+    def teach_model(self, name: str | None = None, version: str | int | None = None):
         self.require_store()
-        model = self.runtime.get(name if name is not None else self.default_teach_model())
+        model = self.runtime.get(name if name is not None else self.default_teach_model(), version=version_of(version))
         if model.card.get("kind") not in TEACHABLE:
             raise bad_request("invalid_field", f"model {model.name!r} cannot be taught; teach one of "
                               f"{sorted(m.name for m in self.teachable())}", "model")
@@ -348,24 +373,25 @@ class Classifier:
         """One embedding per image; for faces, of its only face or of the one `face` names."""
         if is_faces(model):
             index = None if face is None else int_field(face, "face", 0, self.faces.limits.max_faces - 1)
-            return await self.face_descriptors(images, index)
+            return await self.face_descriptors(images, index, model)
         if face is not None:
             raise bad_request("invalid_field", "face applies to the faces model only", "face")
         return (await self.infer(model, images))["embedding"]
 
     @bentoml.api(route="/teach", input_spec=TeachUpload)
     @api_errors
-    async def teach(self, images, problem=None, name=None, model=None, face=None) -> dict:
+    async def teach(self, images, problem=None, name=None, model=None, face=None, version=None) -> dict:
         if problem is not None:
             raise problem
         name = self.check_name(name)
-        model = self.teach_model(model)
+        model = self.teach_model(model, version)
         embeddings = await self.embeddings(model, images, face)
         taught = taught_state.now()
         examples = [Example(uuid.uuid4().hex, name, model.name, model.card["sha256"], taught_state.unit(vector, None),
                             filename[:200], taught) for (filename, _), vector in zip(images, embeddings)]
         count = await self.stored(self.store.add, examples, self.limits.taught_examples)
-        return {"name": name, "ids": [e.id for e in examples], "examples": count, "model": model.name}
+        return {"name": name, "ids": [e.id for e in examples], "examples": count, "model": model.name,
+                "version": model.version}
 
     def result(self, best, model) -> dict:
         """One /check answer from the nearest taught example (or none)."""
@@ -387,7 +413,7 @@ class Classifier:
         usable = [f for f in faces if f.size >= self.faces.limits.min_size]
         nearest = []
         if usable:
-            vectors = await self.faces.describe(rgb, usable)
+            vectors = await self.faces.describe(rgb, usable, model)
             nearest, _ = await self.stored(self.matcher.nearest, model.card["sha256"], vectors, 1)
         answers = dict(zip(map(id, usable), nearest))
         return [f.describe() | (self.result(answers[id(f)], model) if id(f) in answers else
@@ -395,10 +421,10 @@ class Classifier:
 
     @bentoml.api(route="/check", input_spec=CheckUpload)
     @api_errors
-    async def check(self, images, problem=None, model=None) -> dict:
+    async def check(self, images, problem=None, model=None, version=None) -> dict:
         if problem is not None:
             raise problem
-        teach_model = self.teach_model(model)
+        teach_model = self.teach_model(model, version)
         sha = teach_model.card["sha256"]
         if is_faces(teach_model):
             results = [{"faces": await self.check_faces(rgb, teach_model)} for rgb in await self.photos(images)]
@@ -412,18 +438,19 @@ class Classifier:
 
     @bentoml.api(route="/similar", input_spec=SimilarUpload)
     @api_errors
-    async def similar(self, images, problem=None, limit=5, model=None, face=None) -> dict:
+    async def similar(self, images, problem=None, limit=5, model=None, face=None, version=None) -> dict:
         if problem is not None:
             raise problem
         limit = int_field(limit, "limit", 1, self.limits.similar)
-        teach_model = self.teach_model(model)
+        teach_model = self.teach_model(model, version)
         embeddings = await self.embeddings(teach_model, images, face)
         nearest, _ = await self.stored(self.matcher.nearest, teach_model.card["sha256"], embeddings, limit)
         faces = is_faces(teach_model)
         answer = [[{"id": m.id, "name": m.name, "similarity": round(m.similarity, 6)} |
                    ({"distance": round(face_distance(m.similarity), 6)} if faces else {}) for m in matches]
                   for matches in nearest]
-        return {"similar": answer, **self.match_rule(teach_model), "model": teach_model.name}
+        return {"similar": answer, **self.match_rule(teach_model), "model": teach_model.name,
+                "version": teach_model.version}
 
     @bentoml.api(route="/taught")
     @api_errors
@@ -431,11 +458,12 @@ class Classifier:
         self,
         model: Annotated[str | None, Field(description="whose taught names (default: the teach model, see /info)")]
         = None,
+        version: Annotated[str | int | None, VERSION_FIELD] = None,
     ) -> dict:
-        teach_model = self.teach_model(model)
+        teach_model = self.teach_model(model, version)
         counts = await self.stored(self.store.counts, teach_model.card["sha256"])
         return {"names": [{"name": n, "examples": c} for n, c in counts.items()], "total": sum(counts.values()),
-                "model": teach_model.name}
+                "model": teach_model.name, "version": teach_model.version}
 
     @staticmethod
     def name_or_id(name: str | None, id: str | None) -> tuple[str, str]:  # noqa: A002
@@ -443,9 +471,9 @@ class Classifier:
             raise bad_request("name_or_id", "give exactly one of name or id", "name")
         return ("name", unicodedata.normalize("NFC", name)) if name is not None else ("id", id)
 
-    async def changed(self, method, field: str, value: str, model: str | None, *args) -> int:
-        # A name is looked up within one model (a face and a jacket may share it); an id is unique.
-        scope = {"model_sha256": self.teach_model(model).card["sha256"]} if field == "name" else {}
+    async def changed(self, method, field: str, value: str, model: str | None, version, *args) -> int:
+        # A name is looked up within one model version (a face and a jacket may share it); an id is unique.
+        scope = {"model_sha256": self.teach_model(model, version).card["sha256"]} if field == "name" else {}
         try:
             return await self.stored(method, *args, **{field: value}, **scope)
         except KeyError:
@@ -459,10 +487,11 @@ class Classifier:
         id: Annotated[str | None, Field(description="forget one example")] = None,  # noqa: A002 - the API's word
         model: Annotated[str | None, Field(description="the model a name belongs to (default: the teach model)")]
         = None,
+        version: Annotated[str | int | None, VERSION_FIELD] = None,
     ) -> dict:
         store = self.require_store()
         field, value = self.name_or_id(name, id)
-        return {"forgotten": await self.changed(store.forget, field, value, model)}
+        return {"forgotten": await self.changed(store.forget, field, value, model, version)}
 
     @bentoml.api(route="/rename")
     @api_errors
@@ -473,11 +502,12 @@ class Classifier:
         id: Annotated[str | None, Field(description="rename one example")] = None,  # noqa: A002
         model: Annotated[str | None, Field(description="the model a name belongs to (default: the teach model)")]
         = None,
+        version: Annotated[str | int | None, VERSION_FIELD] = None,
     ) -> dict:
         store = self.require_store()
         field, value = self.name_or_id(name, id)
         new_name = self.check_name(new_name, "new_name")
-        return {"renamed": await self.changed(store.rename, field, value, model, new_name), "name": new_name}
+        return {"renamed": await self.changed(store.rename, field, value, model, version, new_name), "name": new_name}
 
     @bentoml.api(route="/state/export")
     @api_errors

@@ -72,16 +72,19 @@ class Upload(bentoml.IODescriptor):
 
 
 TEACH_MODEL_HELP = "faces (the default when the face networks are loaded) or fashion; see /info"
+VERSION_HELP = "a loaded version of the model (see /info); default: the serving one"
 FACE_HELP = "which face of each photo, when it shows several: its index in /faces/detect's answer (biggest first)"
 
 
 class ClassifyUpload(Upload):
     top_k: int = Field(5, description="labels per image, most likely first")
     model: str | None = Field(None, description="model name; optional when one classifier is loaded")
+    version: str | None = Field(None, description=VERSION_HELP)
 
 
 class EmbedUpload(Upload):
     model: str | None = Field(None, description="model name; optional when one classifier is loaded")
+    version: str | None = Field(None, description=VERSION_HELP)
 
 
 class DetectUpload(Upload):
@@ -92,16 +95,19 @@ class TeachUpload(Upload):
     name: str = Field(description="who or what the images show")
     model: str | None = Field(None, description=TEACH_MODEL_HELP)
     face: int | None = Field(None, description=FACE_HELP)
+    version: str | None = Field(None, description=VERSION_HELP)
 
 
 class CheckUpload(Upload):
     model: str | None = Field(None, description=TEACH_MODEL_HELP)
+    version: str | None = Field(None, description=VERSION_HELP)
 
 
 class SimilarUpload(Upload):
     limit: int = Field(5, description="taught examples per image, nearest first")
     model: str | None = Field(None, description=TEACH_MODEL_HELP)
     face: int | None = Field(None, description=FACE_HELP)
+    version: str | None = Field(None, description=VERSION_HELP)
 
 
 class Cancelled(Exception):
