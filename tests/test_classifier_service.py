@@ -94,7 +94,7 @@ def test_teach_one_image_then_check_similar_rename_forget(server):
     r = post(server, "/teach", upload([png(bag)]), {"name": "my bag"})
     assert r.status_code == 200, r.text
     taught_id = r.json()["ids"][0]
-    assert r.json() == {"name": "my bag", "ids": [taught_id], "examples": 1, "model": "fashion"}
+    assert r.json() == {"name": "my bag", "ids": [taught_id], "examples": 1, "model": "fashion", "version": "1"}
 
     results = post(server, "/check", upload([augmented(bag), png(trouser)])).json()
     same, unrelated = results["results"]
