@@ -18,7 +18,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 \
     PATH=/opt/venv/bin:$PATH \
     HOME=/tmp BENTOML_HOME=/tmp/bentoml BENTOML_DO_NOT_TRACK=True \
     MODELS_DIR=/app/models SERVICE=policy HOST=0.0.0.0 PORT=3000 \
-    TEACH_STORE=sqlite:////data/taught.db TEACH_STATE_PATH=/data/taught.json
+    TEACH_STORE=sqlite:////data/taught.db TEACH_STATE_PATH=/data/taught.json \
+    MODEL_CONTROL_DIR=/data/model-control
 
 COPY pyproject.toml deploy/requirements.py /tmp/build/
 COPY deploy/wheelhouse/ /tmp/wheelhouse/
@@ -30,7 +31,8 @@ RUN python3 -m venv /opt/venv \
  && rm -rf /tmp/build /tmp/wheelhouse
 
 # A non-root user without relying on useradd (minimal bases lack it). /data holds state
-# that must outlive the container (the classifier's taught examples): mount a volume there.
+# that must outlive the container (the classifier's taught examples, the model versions
+# chosen over the admin API): mount a volume there.
 RUN echo "app:x:10001:10001:app:/tmp:/usr/sbin/nologin" >> /etc/passwd \
  && echo "app:x:10001:" >> /etc/group \
  && mkdir -p /data && chown 10001:10001 /data

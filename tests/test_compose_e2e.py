@@ -23,6 +23,7 @@ from docker_stack import Engine, DockerUnavailable, build_base_image, build_whee
 from services.launch import SERVICES
 
 PROJECT = "onnxserving-e2e"
+ADMIN = {"Authorization": "Bearer e2e-admin-key"}
 # The services present in this checkout (each needs its module and its models).
 NAMES = [s.name for s in SERVICES if s.module_file.exists() and (ROOT / "models" / s.name).is_dir()]
 
@@ -69,7 +70,8 @@ def stack(tmp_path_factory):
         engine = Engine(workdir)
     except DockerUnavailable as why:
         pytest.skip(f"Docker end-to-end test skipped: {why}")
-    stack = Stack(engine, {name: free_port() for name in ("policy", "generator", "classifier")})
+    stack = Stack(engine, {name: free_port() for name in ("policy", "generator", "classifier")},
+                  env={"ADMIN_KEY": ADMIN["Authorization"].split()[1]})
     try:
         build_base_image(engine, workdir)
         build_wheelhouse()
@@ -107,6 +109,28 @@ def test_policy_endpoints(stack):
     assert info["models"][0]["provider"] == "CPUExecutionProvider"
     assert "model_batch_size" in requests.get(f"{url}/metrics").text
     assert requests.get(f"{url}/readyz").status_code == 200
+
+
+def test_a_new_policy_version_is_loaded_switched_and_kept_over_a_restart(stack):
+    url, container = stack.url("policy"), stack.container("policy")
+    # A new version folder arrives in the running container (in real use: a mounted repository).
+    stack.engine.docker("cp", str(ROOT / "models" / "policy" / "cartpole" / "1"),
+                        f"{container}:/app/models/policy/cartpole/2")
+    r = requests.post(f"{url}/models/cartpole/versions/2/load", json={}, headers=ADMIN, timeout=120)
+    assert r.status_code == 200 and r.json()["gate"]["passed"], r.text
+    assert requests.post(f"{url}/models/cartpole/serve", json={"version": "2"}, headers=ADMIN,
+                         timeout=30).json()["serving"] == "2"
+    observation = {"observations": [[0.0, 0.0, 0.05, 0.0]], "model": "cartpole"}
+    assert requests.post(f"{url}/act", json=observation, timeout=30).json()["version"] == "2"
+    # The choice is recorded on /data (non-root can write it) and survives a restart.
+    record = json.loads(stack.engine.docker("exec", container, "cat", "/data/model-control/policy/serving.json").stdout)
+    assert record["models"]["cartpole"]["serving"] == "2"
+    stack.compose("restart", "policy")
+    stack.wait_healthy(["policy"])
+    assert requests.post(f"{url}/act", json=observation, timeout=30).json()["version"] == "2"
+    back = requests.post(f"{url}/models/cartpole/serve", json={"version": "1"}, headers=ADMIN, timeout=30)
+    assert back.status_code == 200 and back.json()["serving"] == "1", back.text
+    assert requests.post(f"{url}/act", json=observation, timeout=30).json()["version"] == "1"
 
 
 def needs(name):

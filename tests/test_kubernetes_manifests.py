@@ -158,6 +158,10 @@ def test_deployments_probe_limit_and_run_locked_down(rendered, overlay):
         assert container["envFrom"] == [{"configMapRef": {"name": settings["metadata"]["name"]}}]
         assert variables["API_KEY"]["valueFrom"]["secretKeyRef"] == {
             "name": "model-serving-api-key", "key": "API_KEY", "optional": True}
+        assert variables["ADMIN_KEY"]["valueFrom"]["secretKeyRef"] == {
+            "name": "model-serving-admin-key", "key": "ADMIN_KEY", "optional": True}
+        # The admin API's record must be writable (the only writable path is /tmp) and per pod.
+        assert variables["MODEL_CONTROL_DIR"]["value"].startswith("/tmp/")
         hosts = {c["topologyKey"] for c in pod["topologySpreadConstraints"]
                  if c["labelSelector"]["matchLabels"] == {"app.kubernetes.io/name": app}}
         assert "kubernetes.io/hostname" in hosts
