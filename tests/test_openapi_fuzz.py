@@ -15,14 +15,19 @@ CHECKS = "not_a_server_error,status_code_conformance,content_type_conformance,re
          "response_headers_conformance"
 
 
-@pytest.mark.parametrize("name", ["policy", "generator", "classifier"])
-def test_generated_requests_get_no_5xx_and_match_the_document(name, tmp_path):
+@pytest.mark.parametrize("name, admin", [("policy", False), ("generator", False), ("classifier", False),
+                                         ("policy", True)])
+def test_generated_requests_get_no_5xx_and_match_the_document(name, admin, tmp_path):
+    """With admin=True the model control API is on and the generated requests carry its key."""
     if not (MODELS / name).is_dir():
         pytest.skip(f"no {name} models in this checkout")
     env = {"TEACH_STORE": f"sqlite:///{tmp_path / 'taught.db'}"} if name == "classifier" else {}
-    with running_service(name, tmp_path, env=env) as server:
+    key = ["-H", "Authorization: Bearer fuzz-admin-key"] if admin else []
+    with running_service(name, tmp_path, env={**env, **({"ADMIN_KEY": "fuzz-admin-key",
+                                                         "MODEL_CONTROL_DIR": str(tmp_path / "control")}
+                                                        if admin else {})}) as server:
         result = subprocess.run([sys.executable, "-m", "schemathesis.cli", "run", f"{server.url}/docs.json",
-                                 "--checks", CHECKS, "--max-examples", "60", "--seed", "1",
+                                 "--checks", CHECKS, "--max-examples", "60", "--seed", "1", *key,
                                  "--request-timeout", "30"], cwd=tmp_path,  # its cache folder goes there
                                 capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]

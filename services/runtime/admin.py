@@ -85,3 +85,51 @@ async def run(runtime, action: str, name: str, args: dict) -> dict:
     """The runtime's control call, off the event loop (loading and gating take seconds)."""
     method = {"load": runtime.load_version, "unload": runtime.unload_version, "serve": runtime.serve_version}[action]
     return await asyncio.to_thread(method, name, **args)
+
+
+ERRORS = {
+    "400": "invalid body: the code and field say which",
+    "401": "missing or wrong admin key (ADMIN_KEY)",
+    "403": "admin_disabled: ADMIN_KEY is not set; or cross_origin",
+    "404": "unknown model, version folder, or version not loaded",
+    "405": "admin routes take POST",
+    "408": "the body did not arrive within BODY_TIMEOUT",
+    "409": "version_serving: the serving version cannot be unloaded; untaught_version (classifier)",
+    "413": "a body over 4 KiB",
+    "422": "version_refused (sha256, onnxruntime) or gate_failed (the gate's report is in `gate`)",
+    "503": "not ready, or the choice cannot be recorded in MODEL_CONTROL_DIR",
+}
+
+
+def openapi_paths(models: list[str]) -> dict:
+    """The model control API in the OpenAPI document (BentoML does not route it, so it would
+    not be there otherwise)."""
+    error = {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}
+    answer = {"200": {"description": "done", "content": {"application/json": {"schema": {"type": "object"}}}},
+              **{status: {"description": text, "content": error} for status, text in ERRORS.items()}}
+    name = {"name": "name", "in": "path", "required": True, "schema": {"type": "string", "enum": sorted(models)}}
+    version = {"name": "version", "in": "path", "required": True,
+               "schema": {"type": "string", "pattern": "^[0-9]+$"}}
+
+    def operation(summary: str, parameters: list, body: dict | None = None) -> dict:
+        op = {"tags": ["Model control (ADMIN_KEY)"], "summary": summary, "parameters": parameters,
+              "responses": answer}
+        if body is not None:
+            op["requestBody"] = {"required": False, "content": {"application/json": {"schema": {
+                "type": "object", "additionalProperties": False, **body}}}}
+        return {"post": op}
+
+    return {
+        "/models/{name}/versions/{version}/load": operation(
+            "Verify, warm up and gate a version beside the serving one", [name, version],
+            {"properties": {"min_agreement": {"type": "number", "minimum": 0, "maximum": 1,
+                                              "description": "default GATE_MIN_AGREEMENT"}}}),
+        "/models/{name}/versions/{version}/unload": operation("Free a version that is not serving", [name, version]),
+        "/models/{name}/serve": operation(
+            "Switch to a loaded version (or roll back)", [name],
+            {"required": ["version"], "properties": {
+                "version": {"oneOf": [{"type": "string", "pattern": "^[0-9]+$"}, {"type": "integer", "minimum": 0}],
+                            "description": "a loaded version, e.g. \"2\""},
+                "force": {"type": "boolean", "default": False,
+                          "description": "classifier: switch to a version taught nothing"}}}),
+    }

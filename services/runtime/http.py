@@ -213,7 +213,10 @@ class ServiceHttp:
 
         instance = bentoml.get_current_service()
         choices = getattr(instance, "model_choices", None)
-        return describe_errors(document, self.error_statuses, choices() if choices else None)
+        document = describe_errors(document, self.error_statuses, choices() if choices else None)
+        runtime = getattr(instance, "runtime", None)
+        document.setdefault("paths", {}).update(admin.openapi_paths(sorted(runtime.versions) if runtime else []))
+        return document
 
     def _host_allowed(self, scope) -> bool:
         if "*" in self.allowed_hosts:
