@@ -225,6 +225,9 @@ def test_bad_versions_are_refused_and_the_old_one_keeps_serving(versions, tmp_pa
         assert set(body["refused"]) == {"3", "4", "5"} and "sha256" in body["refused"]["3"]
         r = act(server)
         assert r.status_code == 200 and r.json()["version"] == "1"
+        text = requests.get(f"{server.url}/metrics", timeout=10).text
+        assert re.search(r'model_info\{model="cartpole",pid="\d+",provider="\w+",service="policy",sha256="\w+",'
+                         r'version="4"\} 0\.0', text), "a refused version is not counted as loaded"
 
         # The gate's threshold is the admin's to lower, per call: the flipped policy then loads.
         r = admin(server, "/models/cartpole/versions/5/load", {"min_agreement": 0})

@@ -238,9 +238,16 @@ class Runtime:
         if model is None:
             return
         self.versions = {**self.versions, name: {v: m for v, m in self.versions[name].items() if v != version}}
-        model.batcher.close()  # the session goes with the last request that holds it
-        metrics()["model_info"].labels(self.service, name, version, model.card["sha256"], model.provider).set(0)
+        self._discard(model)
         log.info("%s: unloaded %s version %s", self.service, name, version)
+
+    def _discard(self, model: LoadedModel) -> None:
+        """A version that will not serve: its batcher ends, and its session goes with the last
+        request that holds it; the metrics stop counting it as loaded."""
+        model.batcher.close()
+        metrics()["model_info"].labels(self.service, model.name, model.version, model.card["sha256"],
+                                       model.provider).set(0)
+        metrics()["serving"].labels(self.service, model.name, model.version).set(0)
 
     def _entry(self, name: str, version: str) -> repository.ModelEntry:
         """A version folder of a model this service serves, verified; ApiError otherwise."""
@@ -307,14 +314,14 @@ class Runtime:
             report = gate.check(model, serving, self.repository, agreement, self.settings.gate_quality_tolerance)
             if not report["passed"]:
                 self.refused.setdefault(name, {})[version] = report["reason"]
-                model.batcher.close()
+                self._discard(model)
                 log.warning("%s: %s version %s refused by the gate: %s", self.service, name, version,
                             report["reason"])
                 raise ApiError(422, "gate_failed", f"{name} version {version} did not pass the gate: "
                                f"{report['reason']}", field="version", gate=report)
             for hook in self.on_load:
                 hook(model)
-            self._record(name, lambda chosen: chosen["loaded"].append(version), undo=model.batcher.close)
+            self._record(name, lambda chosen: chosen["loaded"].append(version), undo=lambda: self._discard(model))
             self._add(model)
             log.info("%s: %s version %s passed the gate (%s)", self.service, name, version,
                      ", ".join(f"{c['check']} ok" for c in report["checks"]))
