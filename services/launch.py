@@ -233,7 +233,7 @@ def main(argv=None) -> int:
         for spec, _ in running:
             url = f"http://{args.host}:{ports[spec.name]}"
             models = ", ".join(list_models(models_dir / spec.name))
-            print(f"  {spec.name:<11} {url}   models: {models}   (docs {url}/, info {url}/info)", flush=True)
+            print(f"  {spec.name:<11} {url}   models: {models}   (console {url}/ui, docs {url}/)", flush=True)
         while all(process.poll() is None for _, process in running):
             time.sleep(0.5)
         print("a service exited; stopping the others", file=sys.stderr)

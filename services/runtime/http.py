@@ -19,7 +19,8 @@
 - One error shape: BentoML's own 4xx/5xx answers (request validation, unknown route, wrong
   media type) are rewritten into the shape of errors.py, naming the field.
 - Admin: /models/... is the model control API (admin.py), behind ADMIN_KEY, not API_KEY.
-- GET /info: the service's info(); GET /: the Swagger UI page without third-party scripts;
+- GET /ui: the service's web console (consoles.py); GET /info: the service's info();
+  GET /: the Swagger UI page without third-party scripts;
   GET /docs.json: BentoML's OpenAPI document with the error responses made true (openapi.py).
 """
 
@@ -32,6 +33,8 @@ import logging
 from urllib.parse import urlsplit
 
 from services.runtime import admin
+from services.runtime.consoles import HEADERS as CONSOLE_HEADERS
+from services.runtime.consoles import Consoles
 from services.runtime.config import Settings
 from services.runtime.errors import ApiError, clip, error_body, shown
 from services.runtime.metrics import metrics
@@ -73,6 +76,7 @@ class ServiceHttp:
         self.allowed_hosts = {h.lower() for h in settings.allowed_hosts}
         self.request_timeout, self.body_timeout = settings.request_timeout, settings.body_timeout
         self.error_statuses = error_statuses or {}  # a service's own, beyond openapi.POST_ERRORS
+        self.consoles = Consoles(service)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -100,6 +104,11 @@ class ServiceHttp:
         if method == "GET" and path == "/":
             return await _send_bytes(send, 200, DOCS_PAGE, "text/html; charset=utf-8",
                                      [(b"content-security-policy", DOCS_POLICY)])
+        if method == "GET" and (path == "/ui" or path.startswith("/ui/")):
+            found = self.consoles.get(path)
+            if found is None:
+                return await self._error(send, 404, "not_found", f"no console file {shown(path)}")
+            return await _send_bytes(send, 200, found[0], found[1], CONSOLE_HEADERS)
         if method == "GET" and path == "/docs-init.js":
             return await _send_bytes(send, 200, DOCS_INIT, "text/javascript; charset=utf-8")
         if method == "GET" and path == "/docs.json":

@@ -1,0 +1,90 @@
+// Generator console: a grid by seed, a seed slider, an animation between two seeds, downloads.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+let info = null, animation = null, pending = null;
+
+function options() {
+  return { model: $("model").value, truncation: Number($("truncation").value) || 1 };
+}
+
+async function generate() {
+  const seed = Number($("seed").value) || 0, n = Number($("count").value) || 1;
+  const answer = await api.json("/generate", { n, seed, format: "json", ...options() });
+  $("grid").replaceChildren(...answer.images.map((image, i) =>
+    el("figure", {}, el("img", { src: "data:image/png;base64," + image, alt: `seed ${answer.seeds[i]}` }),
+      el("figcaption", { text: `seed ${answer.seeds[i]}` }))));
+  say(`${answer.images.length} images from seed ${seed}, ${answer.model} version ${answer.version}`, true);
+}
+
+async function downloadPng() {
+  const seed = Number($("seed").value) || 0, n = Number($("count").value) || 1;
+  const response = await api.post("/generate", { n, seed, format: "png", ...options() });
+  download(await response.blob(), `generated-seed${seed}-n${n}.png`);
+}
+
+function interpolation(format) {
+  return { seed_a: Number($("seed-a").value) || 0, seed_b: Number($("seed-b").value) || 0,
+           steps: Number($("steps").value) || 16, method: $("method").value, format, ...options() };
+}
+
+async function interpolate() {
+  const answer = await api.json("/interpolate", interpolation("json"));
+  clearInterval(animation);
+  let frame = 0;
+  const show = () => {
+    $("animation").src = "data:image/png;base64," + answer.frames[frame];
+    $("frame").textContent = `${frame + 1} of ${answer.frames.length}`;
+    frame = (frame + 1) % answer.frames.length;
+  };
+  show();
+  animation = setInterval(show, 100);
+}
+
+async function downloadGif() {
+  const body = interpolation("gif");
+  const response = await api.post("/interpolate", body);
+  download(await response.blob(), `interpolation-${body.seed_a}-${body.seed_b}.gif`);
+}
+
+function showCard() {
+  const model = (info.models || []).find((m) => m.name === $("model").value);
+  const table = $("card");
+  table.replaceChildren();
+  if (!model) return;
+  const metrics = model.metrics || {}, contract = model.contract || {};
+  const figure = (x) => (typeof x === "number" ? x.toFixed(1) : "-");
+  const rows = [
+    ["version", model.version],
+    ["FID (lower is better)", `${figure(metrics.fid)} (floor ${figure(metrics.floor?.fid)}, untrained ${figure(metrics.ceiling?.fid)})`],
+    ["image", `${contract.image_size}x${contract.image_size}, ${contract.channels} channel(s)`],
+    ["latent", `${contract.latent_dim} numbers from the seed`],
+    ["trained with", model.trained_with || "-"],
+  ];
+  for (const [name, value] of rows) table.append(el("tr", {}, el("th", { text: name }), el("td", { text: String(value) })));
+}
+
+async function main() {
+  info = await api.start();
+  for (const name of Object.keys(info.generators || {})) $("model").append(el("option", { value: name, text: name }));
+  $("seed-slider").max = String(Math.min(999, info.limits?.seed?.[1] ?? 999));
+  $("model").onchange = guarded(async () => { showCard(); await generate(); });
+  $("generate").onclick = guarded(generate);
+  $("download-png").onclick = guarded(downloadPng);
+  $("interpolate").onclick = guarded(interpolate);
+  $("download-gif").onclick = guarded(downloadGif);
+  $("seed").onchange = guarded(async () => { $("seed-slider").value = $("seed").value; await generate(); });
+  // The slider asks while it moves, but never more than one request at a time.
+  $("seed-slider").oninput = () => {
+    $("seed").value = $("seed-slider").value;
+    if (pending) return;
+    pending = guarded(generate)().finally(() => {
+      pending = null;
+      if ($("grid").querySelector("img")?.alt !== `seed ${$("seed").value}`) $("seed").onchange();
+    });
+  };
+  showCard();
+  await generate();
+}
+
+guarded(main)();
