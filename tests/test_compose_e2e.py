@@ -133,6 +133,24 @@ def test_a_new_policy_version_is_loaded_switched_and_kept_over_a_restart(stack):
     assert requests.post(f"{url}/act", json=observation, timeout=30).json()["version"] == "1"
 
 
+def test_the_consoles_work_in_the_containers(stack, browser):
+    from browser import text, wait_for
+
+    browser.get(f"{stack.url('policy')}/ui")
+    wait_for(browser, lambda d: d.find_elements("css selector", "#model option"), what="the policy console")
+    browser.find_element("css selector", "#speed option[value='0']").click()
+    browser.find_element("id", "run").click()
+    wait_for(browser, lambda d: "limit" in text(d, "state") or "fell" in text(d, "state"), 120, "an episode")
+    assert int(text(browser, "return")) >= 475
+    if "generator" in NAMES:
+        browser.get(f"{stack.url('generator')}/ui")
+        wait_for(browser, lambda d: len(d.find_elements("css selector", "#grid img")) == 16, what="the generator grid")
+    if "classifier" in NAMES:
+        browser.get(f"{stack.url('classifier')}/ui")
+        wait_for(browser, lambda d: d.find_elements("css selector", "#taught tr"), what="the classifier's taught list")
+        assert text(browser, "status") == ""
+
+
 def needs(name):
     return pytest.mark.skipif(name not in NAMES, reason=f"no {name} service or models in this checkout")
 
