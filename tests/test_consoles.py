@@ -65,6 +65,17 @@ def test_the_generator_console_shows_different_images_for_two_seeds(browser, tmp
         wait_for(browser, lambda d: text(d, "frame").startswith("3 of 16"), what="the animation to play")
         screenshot(browser, tmp_path, "generator")
 
+        # Downloads: the GIF the page saves is the one /interpolate makes.
+        downloads = tmp_path / "downloads"
+        downloads.mkdir()
+        browser.execute_cdp_cmd("Browser.setDownloadBehavior", {"behavior": "allow", "downloadPath": str(downloads)})
+        browser.find_element("id", "download-gif").click()
+        saved = downloads / "interpolation-0-1.gif"
+        wait_for(browser, lambda d: saved.is_file() and saved.stat().st_size > 0, what="the GIF download")
+        served = requests.post(f"{server.url}/interpolate", json={"seed_a": 0, "seed_b": 1, "steps": 16,
+                                                                  "format": "gif"}, timeout=30).content
+        assert saved.read_bytes()[:6] == b"GIF89a" and saved.read_bytes() == served
+
 
 def test_the_classifier_console_classifies_teaches_and_names(browser, tmp_path):
     from classifier_helpers import encode, fashion_images
@@ -77,10 +88,17 @@ def test_the_classifier_console_classifies_teaches_and_names(browser, tmp_path):
     with running_service("classifier", tmp_path, env=env) as server:
         browser.get(f"{server.url}/ui")
         wait_for(browser, lambda d: "nothing taught to faces" in text(d, "taught"), what="the taught list")
+        # The webcam (Chromium's fake camera here): a frame taken becomes the photo.
+        browser.find_element("id", "camera").click()
+        wait_for(browser, lambda d: d.execute_script("return document.getElementById('video').videoWidth") > 0,
+                 what="the camera")
+        browser.find_element("id", "snap").click()
+        wait_for(browser, lambda d: d.find_elements("css selector", "#classes th") and
+                 text(d, "faces-note") == "no face found", what="the webcam frame's classes and faces")
         upload = browser.find_element("id", "file")
         upload.send_keys(str(trouser))
-        wait_for(browser, lambda d: d.find_elements("css selector", "#classes th"), what="the classes")
-        assert browser.find_element("css selector", "#classes th").text == "Trouser"
+        wait_for(browser, lambda d: d.execute_script("return document.querySelector('#classes th').textContent")
+                 == "Trouser", what="the trouser's classes")
 
         upload.send_keys(str(FACES / "obama.jpg"))
         wait_for(browser, lambda d: text(d, "faces-note").startswith("1 face"), what="the face")
