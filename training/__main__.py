@@ -1,6 +1,7 @@
 """python -m training <command> ...: the project's offline tools.
 
   policy   train, evaluate and export an RL policy (training/policy.py)
+  pixel-policy  clone the CartPole policy into a CNN that acts from camera frames (training/pixel_policy.py)
   gan      train, measure and export a DCGAN image generator (training/gan.py)
   play     drive a gymnasium environment with a served policy over HTTP (training/play.py)
   classifier  fine-tune, evaluate and export an image classifier (training/classifier.py)
@@ -12,7 +13,7 @@
 import importlib
 import sys
 
-COMMANDS = {"policy": "training.policy", "play": "training.play", "gan": "training.gan",
+COMMANDS = {"policy": "training.policy", "pixel-policy": "training.pixel_policy", "play": "training.play", "gan": "training.gan",
             "classifier": "training.classifier", "evidence": "training.evidence",
             "faces": "training.faces.export", "probes": "training.probes"}
 
