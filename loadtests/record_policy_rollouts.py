@@ -37,8 +37,9 @@ def record(entry: repository.ModelEntry, per_model: int, seed: int) -> dict:
 
 def main(per_model: int = 512, seed: int = 123) -> None:
     policies = ROOT / "models" / "policy"
-    data = {name: record(repository.resolve(policies, name, kind="policy"), per_model, seed)
-            for name in repository.list_models(policies)}
+    entries = [repository.resolve(policies, name, kind="policy") for name in repository.list_models(policies)]
+    # State-vector policies only: a pixel policy's observations are camera frames (its probes.npz).
+    data = {e.name: record(e, per_model, seed) for e in entries if "camera" not in e.card["contract"]}
     OUT.write_text(json.dumps(data))
     counts = ", ".join(f"{name} ({len(rollout['observations'])})" for name, rollout in data.items())
     print(f"wrote {OUT}: {counts}")

@@ -8,7 +8,8 @@ inputs and compares what they do. The inputs are stored once per model, shared b
 versions, at models/<service>/<name>/probes.npz:
 
   policy          observations from deterministic rollouts of the newest version (onnxruntime,
-                  the env of its card, fixed seeds), spread evenly over the episodes;
+                  the env of its card, fixed seeds), spread evenly over the episodes (for a
+                  pixel policy, its camera observations);
   classifier      held-out Fashion-MNIST test images, the same number per class, as uint8
                   pictures (each version preprocesses them by its own card);
   face_descriptor the aligned face chips of tests/fixtures/faces/descriptor_reference.npz;
@@ -30,6 +31,7 @@ from services.runtime import gate, repository
 
 FACE_FIXTURES = Path("tests/fixtures/faces")
 DETECTOR_PHOTOS = ("group_1.jpg", "group_2.jpg", "obama.jpg", "biden.jpg")
+PIXEL_OBSERVATIONS = 500  # a pixel policy's probes: camera observations kept
 
 
 def policy_probes(entry: repository.ModelEntry, observations: int, episodes: int, seed: int) -> dict:
@@ -38,13 +40,20 @@ def policy_probes(entry: repository.ModelEntry, observations: int, episodes: int
 
     session = ort.InferenceSession(str(entry.path), providers=["CPUExecutionProvider"])
     env_id = entry.card["contract"]["env_id"]
-    env = gym.make(env_id)
+    camera = "camera" in entry.card["contract"]  # a pixel policy: it sees frames, 15 KB each
+    if camera:
+        from training.pixel_policy import make_env
+
+        env, observations = make_env(), min(observations, PIXEL_OBSERVATIONS)
+    else:
+        env = gym.make(env_id)
+    dtype = np.uint8 if camera else np.float32
     seen, returns = [], []
     for episode in tqdm(range(episodes), desc=f"{entry.name} rollouts", leave=False):
         obs, _ = env.reset(seed=seed + episode)
         done, total = False, 0.0
         while not done:
-            seen.append(np.asarray(obs, np.float32))
+            seen.append(np.asarray(obs, dtype))
             action = session.run(["action"], {"observation": seen[-1][None]})[0][0]
             obs, reward, terminated, truncated, _ = env.step(action)
             total, done = total + float(reward), terminated or truncated
