@@ -2,6 +2,9 @@
 
     POST /act   {"observations": [[...], ...], "model": "cartpole", "deterministic": true}
     GET  /info  policies with their observation and action spaces and action meanings
+
+Pixel policies (uint8 camera frames, services/pixels.py) also take their observations as
+PNG frames or raw bytes (services/pixel_observations.py).
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import bentoml
 import numpy as np
 from pydantic import Field
 
+from services import pixel_observations
 from services.runtime import (VERSION_FIELD, LoadedModel, Runtime, add_http_layer, api_errors, bad_request,
                               version_of)
 from services.runtime.config import service_options
@@ -19,10 +23,11 @@ from services.runtime.config import service_options
 SERVICE = "policy"
 
 
-def validate_observations(observations: Any, obs_shape: list[int], max_batch: int) -> np.ndarray:
+def validate_observations(observations: Any, obs_shape: list[int], max_batch: int, images: bool = False) -> np.ndarray:
     """Check a request's observations against the model's observation space.
 
-    Returns float32 [N, *obs_shape]; raises a 400 ApiError naming the first bad observation.
+    Returns float32 [N, *obs_shape] (uint8 for image observations); raises a 400 ApiError
+    naming the first bad observation.
     """
     if not isinstance(observations, list) or not observations:
         raise bad_request("invalid_observations", "observations must be a non-empty list of observations",
@@ -40,6 +45,8 @@ def validate_observations(observations: Any, obs_shape: list[int], max_batch: in
             _check_one(observation, obs_shape, f"observations[{i}]")
         raise bad_request("invalid_observations", f"observations must have shape [N, {', '.join(map(str, obs_shape))}]",
                           "observations")  # not reached in practice: _check_one names the culprit
+    if images:
+        return pixel_observations.check_uint8(batch)
     batch = batch.astype(np.float32)  # checked after the cast: 1e308 is finite, but not as a float32
     finite = np.isfinite(batch).reshape(len(batch), -1).all(axis=1)
     if not finite.all():
@@ -103,15 +110,21 @@ class Policy:
     @api_errors
     async def act(
         self,
-        observations: Annotated[list[Any], Field(description="observation batch [N, *observation_shape]")],
+        observations: Annotated[list[Any] | None, Field(description="observation batch [N, *observation_shape]; "
+                                                        "pixel policies: integers 0..255")] = None,
+        frames_png: Annotated[list[list[str]] | None, Field(description="pixel policies: per observation, its frames "
+                                                             "as base64 greyscale PNGs, oldest first")] = None,
+        observations_b64: Annotated[str | None, Field(description="pixel policies: the batch's raw uint8 bytes, "
+                                                       "row-major, base64 (with shape)")] = None,
+        shape: Annotated[list[int] | None, Field(description="the shape of observations_b64, [N, *observation_shape]")]
+        = None,
         model: Annotated[str | None, Field(description="policy name; optional when one policy is loaded")] = None,
         deterministic: Annotated[bool, Field(description="greedy action (true) or sampled (false)")] = True,
         seed: Annotated[int | None, Field(description="seed for sampled actions", ge=0, le=2**63 - 1)] = None,
         version: Annotated[str | int | None, VERSION_FIELD] = None,
     ) -> dict:
         policy = self.runtime.get(model, version=version_of(version))
-        obs_shape = policy.card["contract"]["observation_space"]["shape"]
-        batch = validate_observations(observations, obs_shape, self.runtime.settings.max_batch_size)
+        batch = self.observations(policy, observations, frames_png, observations_b64, shape)
         outputs = await policy(batch)
         actions = outputs[0] if deterministic else sample_actions(policy, outputs, seed)
         discrete = policy.card["contract"]["action_space"]["type"] == "Discrete"
@@ -119,6 +132,28 @@ class Policy:
         answer["probabilities" if discrete else "action_std"] = outputs[1].tolist()
         answer.update(model=policy.name, version=policy.version, deterministic=deterministic)
         return answer
+
+
+    def observations(self, policy: LoadedModel, observations, frames_png, observations_b64, shape) -> np.ndarray:
+        """The request's observation batch, in whichever of its forms it came, checked."""
+        space = policy.card["contract"]["observation_space"]
+        images, limit = space.get("dtype") == "uint8", self.runtime.settings.max_batch_size
+        given = [name for name, value in (("observations", observations), ("frames_png", frames_png),
+                                          ("observations_b64", observations_b64)) if value is not None]
+        if len(given) != 1:
+            raise bad_request("observations_required", "give the observations in exactly one of observations"
+                              + (", frames_png or observations_b64 (with shape)" if images else "")
+                              + f"; got {given or 'none'}", "observations")
+        if given[0] != "observations" and not images:
+            raise bad_request("invalid_field", f"{given[0]} is for pixel policies; {policy.name} takes state "
+                              "vectors in observations", given[0])
+        if shape is not None and given[0] != "observations_b64":
+            raise bad_request("invalid_field", "shape goes with observations_b64", "shape")
+        if frames_png is not None:
+            return pixel_observations.from_png_frames(frames_png, space["shape"], limit)
+        if observations_b64 is not None:
+            return pixel_observations.from_raw(observations_b64, shape, space["shape"], limit)
+        return validate_observations(observations, space["shape"], limit, images)
 
 
 add_http_layer(Policy, SERVICE)

@@ -90,7 +90,7 @@ BAD_INPUTS = [
     ({"observations": [[0, 0, 0, 0]], "model": "cartpole", "deterministic": "often"}, 400, "invalid_request",
      "deterministic"),
     ({"observations": [[0, 0, 0, 0]], "model": "cartpole", "seed": -1}, 400, "invalid_request", "seed"),
-    ({"model": "cartpole"}, 400, "invalid_request", "observations"),
+    ({"model": "cartpole"}, 400, "observations_required", "observations"),
     ({"observations": "lots", "model": "cartpole"}, 400, "invalid_request", "observations"),
     ({"observations": [[0, 0, 0, 0]], "model": "cartpole", "determinstic": False}, 400, "unknown_field",
      "determinstic"),

@@ -5,8 +5,10 @@ const $ = (id) => document.getElementById(id);
 const env = new CartPole();
 let info = null, running = false, lastAction = null;
 
+// Policies that play CartPole from its state (the page runs the physics, not a camera).
 function cartpolePolicies(info) {
-  return Object.entries(info.policies || {}).filter(([, p]) => p.env_id === "CartPole-v1").map(([name]) => name);
+  return Object.entries(info.policies || {})
+    .filter(([, p]) => p.env_id === "CartPole-v1" && p.observation_space?.dtype !== "uint8").map(([name]) => name);
 }
 
 function showCard() {
