@@ -109,7 +109,7 @@ async def drive(url: str, workload: Workload, concurrency: int, seconds: float, 
 
 def served(workload: Workload, server_cores: set[int], batching: bool, seconds: float, logs: Path,
            workers: int = 1) -> list[ServedRun]:
-    spec = next(s for s in launch.SERVICES if s.name == workload.name)
+    spec = next(s for s in launch.SERVICES if s.name == (workload.service or workload.name))
     port = _free_port()
     env = {"MODELS_DIR": str(ROOT / "models"), "INFER_THREADS": "1", "ADAPTIVE_BATCHING": "on" if batching else "off",
            "WORKERS": str(workers), **workload.server_env}
@@ -250,6 +250,9 @@ def target_lines(name: str, workload: Workload, raw: dict, on: dict, off: dict) 
     The server has one core, so its time per request at saturation is 1 / (requests/s);
     the model's own time per item is 1 / raw throughput. What batching or the HTTP layer can
     win or lose follows from those two numbers, both measured in this run."""
+    if name not in TARGETS:
+        return [f"- {workload.unit}/s at 1 client: {on[1].items_per_s:,.1f}; at 64 clients: "
+                f"{on[64].items_per_s:,.1f} ({on[64].items_per_s / max(raw.values()):.0%} of raw).", ""]
     best = max(on.values(), key=lambda r: r.items_per_s)
     per_request_ms = 1000 / best.requests_per_s
     items = best.items / max(best.requests, 1)
@@ -312,7 +315,8 @@ def main(argv=None) -> int:
                         "every core (the load generator shares them), for --compare-workers")
     args = p.parse_args(argv)
     command = "python -m loadtests.benchmark " + shlex.join(sys.argv[1:] if argv is None else argv)
-    names = args.services or [n for n in WORKLOADS if (ROOT / "models" / n).is_dir()]
+    names = args.services or [n for n, w in WORKLOADS.items()
+                              if (ROOT / "models" / (w.service or n) / w.model).is_dir()]
     server_cores, client_cores = cpu_split()
     if args.server_cores == "all":
         server_cores = client_cores = set(os.sched_getaffinity(0))

@@ -35,6 +35,8 @@ def timed(fn, seconds: float) -> float:
 
 class Workload:
     name = ""
+    service = ""   # the service it calls, when not its name
+    model = ""     # the model folder it needs, when not any of the service's
     unit = "items"
     description = ""
     server_env: dict[str, str] = {}
@@ -80,6 +82,44 @@ class PolicyWorkload(Workload):
 
     def request(self, i):
         return "/act", {"json": {"observations": [self.observations[i % len(self.observations)]], "model": "cartpole"}}
+
+    def answered(self, answer):
+        return int(len(answer.get("actions", [])) == 1)
+
+
+class PixelPolicyWorkload(Workload):
+    name = "policy_pixels"
+    service = "policy"
+    model = "cartpole_pixels"
+    unit = "observations"
+    description = ("`POST /act` with one CartPole camera observation per request (4 frames of 32x120, uint8, as "
+                   "raw bytes in `observations_b64`; real frames: the model's probe observations); raw: "
+                   "`session.run` on the same cartpole_pixels model.")
+
+    def __init__(self):
+        self._observations = None
+
+    @property
+    def observations(self) -> np.ndarray:
+        if self._observations is None:
+            with np.load(ROOT / "models" / "policy" / self.model / "probes.npz") as probes:
+                self._observations = probes["inputs"]
+        return self._observations
+
+    def raw(self, batch_sizes, seconds):
+        _, session = session_for("policy", self.model)
+        out = {}
+        for n in batch_sizes:
+            batch = np.ascontiguousarray(self.observations[:n])
+            out[n] = n * timed(lambda: session.run(None, {"observation": batch}), seconds)
+        return out
+
+    def request(self, i):
+        import base64
+
+        observation = self.observations[i % len(self.observations)][None]
+        return "/act", {"json": {"observations_b64": base64.b64encode(observation.tobytes()).decode(),
+                                 "shape": list(observation.shape), "model": self.model}}
 
     def answered(self, answer):
         return int(len(answer.get("actions", [])) == 1)
@@ -152,5 +192,5 @@ def aiohttp_form(files):
     return form
 
 
-WORKLOADS: dict[str, Workload] = {"policy": PolicyWorkload(), "generator": GeneratorWorkload(),
-                                  "classifier": ClassifierWorkload()}
+WORKLOADS: dict[str, Workload] = {"policy": PolicyWorkload(), "policy_pixels": PixelPolicyWorkload(),
+                                  "generator": GeneratorWorkload(), "classifier": ClassifierWorkload()}
