@@ -279,7 +279,7 @@ def test_the_openapi_document_has_the_admin_api(lifecycle_server):
     for route in ("/models/{name}/versions/{version}/load", "/models/{name}/versions/{version}/unload",
                   "/models/{name}/serve"):
         operation = paths[route]["post"]
-        assert operation["parameters"][0]["schema"]["enum"] == ["cartpole", "lunarlander"]
+        assert operation["parameters"][0]["schema"]["enum"] == ["cartpole", "cartpole_pixels", "lunarlander"]
         assert {"200", "401", "403", "404", "422"} <= set(operation["responses"])
 
 
@@ -470,7 +470,7 @@ def test_the_probes_command_reproduces_the_shipped_probes(tmp_path):
                    cwd=root, check=True, capture_output=True, timeout=300)
     shipped = sorted(p.relative_to(root / "models") for p in (root / "models").glob("*/*/probes.npz"))
     made = sorted(p.relative_to(tmp_path / "models") for p in (tmp_path / "models").glob("*/*/probes.npz"))
-    assert shipped == made and len(shipped) == 6  # every model but the generator (seeds are its probes)
+    assert shipped == made and len(shipped) == 7  # every model but the generator (seeds are its probes)
     for path in shipped:
         with np.load(root / "models" / path) as a, np.load(tmp_path / "models" / path) as b:
             assert sorted(a.files) == sorted(b.files)

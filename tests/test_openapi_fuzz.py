@@ -35,13 +35,13 @@ def test_generated_requests_get_no_5xx_and_match_the_document(name, admin, tmp_p
 
 
 def test_the_document_names_the_models_each_endpoint_takes(tmp_path):
-    """Two policies are served, so /act's `model` is required and lists them; the classifier's
+    """Three policies are served, so /act's `model` is required and lists them; the classifier's
     /classify takes its one classifier, and teach its two teachable models with a default."""
     import requests
 
     with running_service("policy", tmp_path) as server:
         schema = request_schema(requests.get(f"{server.url}/docs.json", timeout=30).json(), "/act")
-        assert "model" in schema["required"] and schema["properties"]["model"]["enum"] == ["cartpole", "lunarlander"]
+        assert "model" in schema["required"] and schema["properties"]["model"]["enum"] == ["cartpole", "cartpole_pixels", "lunarlander"]
         assert requests.post(f"{server.url}/act", json={"observations": [[0, 0, 0, 0]]}, timeout=30).status_code == 400
     with running_service("classifier", tmp_path, env={"TEACH_STORE": f"sqlite:///{tmp_path / 't.db'}"}) as server:
         document = requests.get(f"{server.url}/docs.json", timeout=30).json()
