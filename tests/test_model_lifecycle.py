@@ -483,3 +483,15 @@ def test_the_probes_command_reproduces_the_shipped_probes(tmp_path):
                 continue
             for key in a.files:
                 np.testing.assert_array_equal(a[key], b[key], err_msg=f"{path}: {key}")
+
+
+def test_an_unreadable_probes_file_refuses_the_version_with_the_reason(models_copy, tmp_path, monkeypatch):
+    from services.runtime import ApiError
+
+    new_version(models_copy, "cartpole", "2", models_copy / "policy" / "cartpole" / "1")
+    (models_copy / "policy" / "cartpole" / "probes.npz").write_bytes(b"not a numpy archive")
+    runtime = in_process_runtime(models_copy, tmp_path, "policy", "policy", monkeypatch, pins="cartpole=1")
+    with pytest.raises(ApiError) as refused:
+        runtime.load_version("cartpole", "2")
+    assert refused.value.status == 422 and "the gate could not run" in refused.value.message
+    assert sorted(runtime.versions["cartpole"]) == ["1"] and "2" in runtime.refused["cartpole"]

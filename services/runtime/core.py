@@ -311,7 +311,11 @@ class Runtime:
                                field="version") from None
             serving = self.models.get(name)
             agreement = self.settings.gate_min_agreement if min_agreement is None else min_agreement
-            report = gate.check(model, serving, self.repository, agreement, self.settings.gate_quality_tolerance)
+            try:
+                report = gate.check(model, serving, self.repository, agreement, self.settings.gate_quality_tolerance)
+            except Exception as exc:  # noqa: BLE001 - e.g. an unreadable probes file: refused, said why
+                report = {"passed": False, "checks": [], "reason": f"the gate could not run: {type(exc).__name__}: "
+                          f"{clip(str(exc), 300)}"}
             if not report["passed"]:
                 self.refused.setdefault(name, {})[version] = report["reason"]
                 self._discard(model)
