@@ -1,6 +1,6 @@
 """The gate a new model version passes before it may take traffic.
 
-    report = gate.check(candidate, serving, min_agreement=0.9)
+    report = gate.check(candidate, serving, repository, min_agreement=0.9, quality_tolerance=0.05)
     report["passed"]   # and report["checks"]: each check's name, result and figures
 
 Checks, in order (the first failure stops the rest only where they could not run):
