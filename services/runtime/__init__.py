@@ -3,7 +3,7 @@ adaptive batching, limits, errors, auth and metrics. Services hold one Runtime e
 
 from pydantic import Field
 
-from services.runtime import connections
+from services.runtime import connections, pauses
 from services.runtime.config import Settings
 from services.runtime.core import LoadedModel, Runtime
 from services.runtime.errors import ApiError, api_errors, bad_request
@@ -37,6 +37,7 @@ def add_http_layer(service, name: str, settings: Settings | None = None,
     service.add_asgi_middleware(ServiceHttp, service=name, settings=settings, body_limits=body_limits,
                                 json_routes=json_routes, error_statuses=error_statuses)
     connections.install(settings.header_timeout)  # before uvicorn accepts the first connection
+    pauses.install_timeout_fix()
 
 
 __all__ = ["VERSION_FIELD", "ApiError", "LoadedModel", "Runtime", "Settings", "add_http_layer", "api_errors",

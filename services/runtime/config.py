@@ -45,6 +45,13 @@ def service_options(service: str) -> dict:
     return {"workers": settings.workers, "traffic": {"timeout": settings.request_timeout + 10}}
 
 
+def _switch(name: str, default: str = "on") -> bool:
+    raw = (os.environ.get(name, default).strip().lower() or default)
+    if raw not in ("on", "off", "1", "0", "true", "false"):
+        raise ValueError(f"{name}={raw!r} must be on or off")
+    return raw in ("on", "1", "true")
+
+
 def _fraction(name: str, default: float, maximum: float = 1.0) -> float:
     value = _float(name, default)
     if not 0 <= value <= maximum:  # NaN fails too
@@ -100,15 +107,14 @@ class Settings:
     control_dir: Path = Path("data")   # <dir>/<service>/serving.json: the versions chosen over the admin API
     control_poll: float = 1.0          # seconds between a worker's looks at that file
     rollout_log_seconds: float = 60.0  # while several versions are loaded: a log line of answers per version
+    gc_freeze: bool = True             # exempt what is alive after warm-up from garbage collection (pauses.py)
 
     @classmethod
     def from_env(cls, service: str | None = None) -> "Settings":
         device = os.environ.get("INFER_DEVICE", "auto").strip().lower() or "auto"
         if device not in DEVICES:
             raise ValueError(f"INFER_DEVICE={device!r} must be one of {', '.join(DEVICES)}")
-        batching = os.environ.get("ADAPTIVE_BATCHING", "on").strip().lower()
-        if batching not in ("on", "off", "1", "0", "true", "false"):
-            raise ValueError(f"ADAPTIVE_BATCHING={batching!r} must be on or off")
+        batching = _switch("ADAPTIVE_BATCHING")
         return cls(
             models_dir=Path(os.environ.get("MODELS_DIR", "models")),
             device=device,
@@ -116,7 +122,7 @@ class Settings:
             max_body_bytes=_int("MAX_BODY_BYTES", SERVICE_DEFAULTS.get(service, {}).get("max_body_bytes",
                                                                                    cls.max_body_bytes), minimum=1),
             max_batch_size=_int("MAX_BATCH_SIZE", cls.max_batch_size, minimum=1),
-            batching=batching in ("on", "1", "true"),
+            batching=batching,
             batch_max_rows=_int("BATCH_MAX_ROWS", cls.batch_max_rows, minimum=1),
             batch_wait_ms=_float("BATCH_WAIT_MS", cls.batch_wait_ms),
             infer_threads=_int("INFER_THREADS", cls.infer_threads),
@@ -135,6 +141,7 @@ class Settings:
             control_dir=Path(os.environ.get("MODEL_CONTROL_DIR", "").strip() or "data"),
             control_poll=_positive("MODEL_CONTROL_POLL", cls.control_poll),
             rollout_log_seconds=_positive("ROLLOUT_LOG_SECONDS", cls.rollout_log_seconds),
+            gc_freeze=_switch("GC_FREEZE"),
         )
 
     def limits(self) -> dict:

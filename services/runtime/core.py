@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from services.runtime import device, gate, repository
+from services.runtime import device, gate, pauses, repository
 from services.runtime.batching import DynamicBatcher
 from services.runtime.config import Settings
 from services.runtime.control import ControlFile
@@ -159,6 +159,7 @@ class Runtime:
                 for version in chosen.get("loaded", []):
                     if version != serving.version:
                         self._load_quietly(name, version)
+            pauses.freeze_long_lived(self.service, self.settings.gc_freeze)
             self.ready = True
             log.info("%s: ready with %d model(s) in %.1fs", self.service, len(self.models), time.monotonic() - started)
         except Exception as exc:  # noqa: BLE001 - any failure keeps the service not ready, said once
