@@ -234,7 +234,9 @@ def report(results: dict, command: str, server_cores: set[int], client_cores: se
               "- [benchmarks/workers.md](benchmarks/workers.md): requests/s with WORKERS=1 and 2 "
               "(`python -m loadtests.benchmark --compare-workers 1 2`).",
               "- [benchmarks/faces.md](benchmarks/faces.md): the face pipeline per photo by size, each step and one "
-              "served /check (`python -m loadtests.faces_benchmark`).", ""]
+              "served /check (`python -m loadtests.faces_benchmark`).",
+              "- [benchmarks/tail.md](benchmarks/tail.md): the p99 tail, garbage-collection stalls, found and removed; "
+              "p99 / p50 before and after.", ""]
     text = "\n".join(lines) + "\n"
     return text
 
