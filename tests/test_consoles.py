@@ -48,14 +48,15 @@ def test_the_generator_console_shows_different_images_for_two_seeds(browser, tmp
     with running_service("generator", tmp_path) as server:
         browser.get(f"{server.url}/ui")
         wait_for(browser, lambda d: len(d.find_elements("css selector", "#grid img")) == 16, what="the first grid")
-        first = [img.get_attribute("src") for img in browser.find_elements("css selector", "#grid img")]
+        grid = "return [...document.querySelectorAll('#grid img')].map(image => image.src)"  # read at once
+        first = browser.execute_script(grid)
         seed = browser.find_element("id", "seed")
         seed.clear()
         seed.send_keys("7\n")
         browser.execute_script("document.getElementById('seed').dispatchEvent(new Event('change'))")
         wait_for(browser, lambda d: d.execute_script("return document.querySelector('#grid img').alt") == "seed 7",
                  what="the grid of seed 7")
-        second = [img.get_attribute("src") for img in browser.find_elements("css selector", "#grid img")]
+        second = browser.execute_script(grid)
         assert len(second) == 16 and first[0] != second[0] and first[7] == second[0]  # image i is seed s + i
         # The served bytes, unchanged: what /generate answers for seed 7.
         answer = requests.post(f"{server.url}/generate", json={"n": 1, "seed": 7}, timeout=30).json()

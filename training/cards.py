@@ -37,3 +37,16 @@ def write_card(out: Path, card: dict, extra_packages: list[str]) -> dict:
     card["software"] = dict(software_versions((*extra_packages, "onnxruntime-gpu", "onnxruntime", "numpy")))
     write_json_atomic(out / CARD_FILE, card)
     return card
+
+
+def return_metrics(returns, first_seed: int, reward_threshold: float | None) -> dict:
+    """A policy card's measured quality: deterministic episodes on seeds first_seed, first_seed+1, ..."""
+    return {
+        "mean_return": float(returns.mean()),
+        "std_return": float(returns.std()),
+        "min_return": float(returns.min()),
+        "episodes": len(returns),
+        "deterministic": True,
+        "seeds": f"{first_seed}..{first_seed + len(returns) - 1}",
+        "reward_threshold": reward_threshold,
+    }

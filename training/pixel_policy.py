@@ -338,16 +338,8 @@ def main(argv=None):
             "device": "cpu",
             "curve": [{"iteration": i, "frames": n, "mean_return": m, "std_return": s} for i, n, m, s in curve],
         },
-        "metrics": {
-            "mean_return": float(returns.mean()),
-            "std_return": float(returns.std()),
-            "min_return": float(returns.min()),
-            "episodes": args.eval_episodes,
-            "deterministic": True,
-            "seeds": f"{EVAL_SEED}..{EVAL_SEED + args.eval_episodes - 1}",
-            "reward_threshold": 475.0,
-            "observations": "camera frames only: the evaluation never reads the state",
-        },
+        "metrics": {**cards.return_metrics(returns, EVAL_SEED, 475.0),
+                    "observations": "camera frames only: the evaluation never reads the state"},
         "export": {"opset": 17, "parity": parity},
         "contract": {
             "env_id": ENV_ID,

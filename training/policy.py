@@ -297,15 +297,7 @@ def main(argv=None):
             "duration_s": round(train_seconds, 1),
             "learning_curve": [{"timesteps": s, "mean_return": m, "std_return": d} for s, m, d in curve.points],
         },
-        "metrics": {
-            "mean_return": float(returns.mean()),
-            "std_return": float(returns.std()),
-            "min_return": float(returns.min()),
-            "episodes": args.eval_episodes,
-            "deterministic": True,
-            "seeds": f"{eval_seed}..{eval_seed + args.eval_episodes - 1}",
-            "reward_threshold": reward_threshold,
-        },
+        "metrics": cards.return_metrics(returns, eval_seed, reward_threshold),
         "export": {"opset": 17, "parity": parity},
         "contract": {
             "env_id": args.env,

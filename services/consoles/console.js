@@ -38,7 +38,12 @@ const api = {
   },
 
   askKey(why) {
-    const form = document.getElementById("key-form");
+    let form = document.getElementById("key-form");
+    if (!form) {  // made on first need, under the page's header
+      form = el("form", { id: "key-form" }, el("span", { class: "why" }), " ",
+        el("label", {}, "API key ", el("input", { type: "password", autocomplete: "off" })), el("button", { text: "Use it" }));
+      document.querySelector("header").after(form);
+    }
     form.querySelector(".why").textContent = why;
     form.hidden = false;
     form.querySelector("input").focus();

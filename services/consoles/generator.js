@@ -3,6 +3,7 @@
 
 const $ = (id) => document.getElementById(id);
 let info = null, animation = null, pending = null;
+let latest = { grid: 0, frames: 0 };  // answers to an older request are dropped (they may arrive last)
 
 function options() {
   return { model: $("model").value, truncation: Number($("truncation").value) || 1 };
@@ -10,7 +11,9 @@ function options() {
 
 async function generate() {
   const seed = Number($("seed").value) || 0, n = Number($("count").value) || 1;
+  const ticket = ++latest.grid;
   const answer = await api.json("/generate", { n, seed, format: "json", ...options() });
+  if (ticket !== latest.grid) return;
   $("grid").replaceChildren(...answer.images.map((image, i) =>
     el("figure", {}, el("img", { src: "data:image/png;base64," + image, alt: `seed ${answer.seeds[i]}` }),
       el("figcaption", { text: `seed ${answer.seeds[i]}` }))));
@@ -29,7 +32,9 @@ function interpolation(format) {
 }
 
 async function interpolate() {
+  const ticket = ++latest.frames;
   const answer = await api.json("/interpolate", interpolation("json"));
+  if (ticket !== latest.frames) return;
   clearInterval(animation);
   let frame = 0;
   const show = () => {
