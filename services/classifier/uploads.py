@@ -20,7 +20,7 @@ from pydantic import Field
 from pydantic.json_schema import SkipJsonSchema
 
 from services import imaging
-from services.runtime import ApiError, bad_request
+from services.runtime import VERSION_FIELD, ApiError, bad_request
 from services.runtime.errors import shown
 
 log = logging.getLogger("services.runtime")  # the runtime's logger has a handler in every worker
@@ -72,7 +72,7 @@ class Upload(bentoml.IODescriptor):
 
 
 TEACH_MODEL_HELP = "faces (the default when the face networks are loaded) or fashion; see /info"
-VERSION_HELP = "a loaded version of the model (see /info); default: the serving one"
+VERSION_HELP = VERSION_FIELD.description  # the same words as on the JSON endpoints
 FACE_HELP = "which face of each photo, when it shows several: its index in /faces/detect's answer (biggest first)"
 
 

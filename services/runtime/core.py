@@ -250,11 +250,14 @@ class Runtime:
                                        model.provider).set(0)
         metrics()["serving"].labels(self.service, model.name, model.version).set(0)
 
-    def _entry(self, name: str, version: str) -> repository.ModelEntry:
-        """A version folder of a model this service serves, verified; ApiError otherwise."""
+    def _known(self, name: str) -> None:
         if name not in self.versions:
             raise ApiError(404, "model_not_found", f"no model {shown(name)}; this service serves "
                            f"{sorted(self.versions)}", field="name")
+
+    def _entry(self, name: str, version: str) -> repository.ModelEntry:
+        """A version folder of a model this service serves, verified; ApiError otherwise."""
+        self._known(name)
         if not version.isdigit() or not (self.repository / name / version / repository.CARD_FILE).exists():
             present = [d.name for d in repository.version_dirs(self.repository / name)]
             raise ApiError(404, "version_not_found", f"model {name} has no version {shown(version)} in "
@@ -361,12 +364,12 @@ class Runtime:
                     "loaded": sorted(self.versions[name], key=int)}
 
     def _catch_up(self) -> None:
-        """Follow what another worker recorded before acting: an admin call right after a load
-        may reach a worker whose next look at the control file is still to come."""
+        """Follow what any worker recorded: every MODEL_CONTROL_POLL seconds, and before an admin
+        call (one right after a load may reach a worker whose next look is still to come)."""
         try:
             if self.control.changed():
                 self._apply(self.control.read())
-        except (OSError, ValueError) as exc:
+        except Exception as exc:  # noqa: BLE001 - a bad record is logged; the poller must live on
             log.error("%s: cannot follow %s: %s", self.service, self.control.path, exc)
 
     def _require_ready(self) -> None:
@@ -374,9 +377,7 @@ class Runtime:
             raise ApiError(503, "not_ready", self.failure or "models are still loading; retry shortly")
 
     def _loaded(self, name: str, version: str) -> LoadedModel:
-        if name not in self.versions:
-            raise ApiError(404, "model_not_found", f"no model {shown(name)}; this service serves "
-                           f"{sorted(self.versions)}", field="name")
+        self._known(name)
         model = self.versions[name].get(version)
         if model is None:
             raise ApiError(404, "version_not_loaded", f"{name} version {shown(version)} is not loaded (loaded: "
@@ -408,11 +409,7 @@ class Runtime:
         last_summary = time.monotonic()
         while True:
             time.sleep(self.settings.control_poll)
-            try:
-                if self.control.changed():
-                    self._apply(self.control.read())
-            except Exception as exc:  # noqa: BLE001 - this thread must outlive a bad record
-                log.error("%s: cannot follow %s: %s", self.service, self.control.path, exc)
+            self._catch_up()
             if time.monotonic() - last_summary >= self.settings.rollout_log_seconds:
                 last_summary = time.monotonic()
                 self._log_answers()
