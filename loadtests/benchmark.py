@@ -110,7 +110,7 @@ async def drive(url: str, workload: Workload, concurrency: int, seconds: float, 
 def served(workload: Workload, server_cores: set[int], batching: bool, seconds: float, logs: Path,
            workers: int = 1) -> list[ServedRun]:
     spec = next(s for s in launch.SERVICES if s.name == (workload.service or workload.name))
-    port = _free_port()
+    port = launch.free_port()
     env = {"MODELS_DIR": str(ROOT / "models"), "INFER_THREADS": "1", "ADAPTIVE_BATCHING": "on" if batching else "off",
            "WORKERS": str(workers), **workload.server_env}
     log = open(logs / f"server-{workload.name}-{'on' if batching else 'off'}-w{workers}.log", "w")
@@ -137,13 +137,6 @@ def served(workload: Workload, server_cores: set[int], batching: bool, seconds: 
         launch.stop(process)
         log.close()
 
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def plot(name: str, workload: Workload, raw: dict[int, float], runs: list[ServedRun], out: Path) -> list[str]:

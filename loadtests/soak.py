@@ -15,7 +15,6 @@ pools, so a worker settles some megabytes above its warm-up size; a leak keeps g
 from __future__ import annotations
 
 import argparse
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,12 +24,6 @@ from services import launch
 
 ROOT = Path(__file__).resolve().parent.parent
 NAMES = ("policy", "generator", "classifier")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def rss_mb(pid: int) -> float:
@@ -76,7 +69,7 @@ def main(argv=None) -> int:
         try:
             specs = {spec.name: spec for spec in launch.SERVICES}
             for name in NAMES:
-                port = free_port()  # beside a running `make serve`, not on it
+                port = launch.free_port()  # beside a running `make serve`, not on it
                 log = open(args.out / f"{name}.log", "w")
                 logs.append(log)
                 servers[name] = (f"http://127.0.0.1:{port}", launch.start(specs[name], port, env=env, log_file=log))

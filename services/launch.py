@@ -63,6 +63,32 @@ def own_home(name: str, port: int, environ: dict) -> dict:
     return {"BENTOML_HOME": str(base / "servers" / f"{name}-{port}")}
 
 
+def free_port(low: int = 20_000) -> int:
+    """A port to start a server on beside others (tests, soak, benchmark), free right now.
+
+    Below the kernel's ephemeral range on purpose: a port that bind(0) hands out comes from that
+    range, and an outgoing connection opened meanwhile can take it before the server binds it
+    ("Address already in use", seen once in the soak test). Outgoing connections never use
+    ports below the range, so a free one there stays free unless someone binds it explicitly."""
+    import random
+    import socket
+
+    try:
+        first_ephemeral = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        first_ephemeral = 32_768
+    high = max(first_ephemeral, low + 1_000)
+    for _ in range(200):
+        port = random.randrange(low, high)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port between {low} and {high}")
+
+
 def start(spec: ServiceSpec, port: int, host: str = "127.0.0.1", env: dict | None = None,
           log_file=None) -> subprocess.Popen:
     """Start `bentoml serve` for one service in its own process group, with its own BENTOML_HOME."""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,10 +17,7 @@ POLICIES = MODELS / "policy"
 SPECS = {spec.name: spec for spec in launch.SERVICES}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+free_port = launch.free_port  # below the ephemeral range: see launch.free_port
 
 
 def error_of(response, status: int) -> dict:
