@@ -3,7 +3,7 @@ adaptive batching, limits, errors, auth and metrics. Services hold one Runtime e
 
 from pydantic import Field
 
-from services.runtime import connections, pauses
+from services.runtime import connections, hot_path, pauses
 from services.runtime.config import Settings
 from services.runtime.core import LoadedModel, Runtime
 from services.runtime.errors import ApiError, api_errors, bad_request
@@ -38,6 +38,8 @@ def add_http_layer(service, name: str, settings: Settings | None = None,
                                 json_routes=json_routes, error_statuses=error_statuses)
     connections.install(settings.header_timeout)  # before uvicorn accepts the first connection
     pauses.install_timeout_fix()
+    hot_path.cache_media_types(service)
+    hot_path.install_lean_middlewares()
 
 
 __all__ = ["VERSION_FIELD", "ApiError", "LoadedModel", "Runtime", "Settings", "add_http_layer", "api_errors",

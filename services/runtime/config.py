@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 DEVICES = ("auto", "cpu", "cuda")
+ACCESS_LOG_MODES = ("sampled", "all", "off")
 
 
 def _int(name: str, default: int, minimum: int = 0) -> int:
@@ -30,10 +31,10 @@ def _float(name: str, default: float) -> float:
         raise ValueError(f"{name}={raw!r} is not a number") from None
 
 
-def _positive(name: str, default: float) -> float:
+def _positive(name: str, default: float, unit: str = "seconds") -> float:
     value = _float(name, default)
     if not value > 0:
-        raise ValueError(f"{name}={value} must be a positive number of seconds")
+        raise ValueError(f"{name}={value} must be a positive number of {unit}")
     return value
 
 
@@ -50,6 +51,13 @@ def _switch(name: str, default: str = "on") -> bool:
     if raw not in ("on", "off", "1", "0", "true", "false"):
         raise ValueError(f"{name}={raw!r} must be on or off")
     return raw in ("on", "1", "true")
+
+
+def _choice(name: str, default: str, choices: tuple[str, ...]) -> str:
+    raw = os.environ.get(name, "").strip().lower() or default
+    if raw not in choices:
+        raise ValueError(f"{name}={raw!r} must be one of {', '.join(choices)}")
+    return raw
 
 
 def _fraction(name: str, default: float, maximum: float = 1.0) -> float:
@@ -108,6 +116,9 @@ class Settings:
     control_poll: float = 1.0          # seconds between a worker's looks at that file
     rollout_log_seconds: float = 60.0  # while several versions are loaded: a log line of answers per version
     gc_freeze: bool = True             # exempt what is alive after warm-up from garbage collection (pauses.py)
+    access_log: str = "sampled"        # sampled (errors, slow requests, 1 in access_log_sample), all or off
+    access_log_sample: int = 100       # log one in this many fast successful requests; 0: none of them
+    access_log_slow_ms: float = 1000.0  # requests slower than this are always logged
 
     @classmethod
     def from_env(cls, service: str | None = None) -> "Settings":
@@ -142,6 +153,9 @@ class Settings:
             control_poll=_positive("MODEL_CONTROL_POLL", cls.control_poll),
             rollout_log_seconds=_positive("ROLLOUT_LOG_SECONDS", cls.rollout_log_seconds),
             gc_freeze=_switch("GC_FREEZE"),
+            access_log=_choice("ACCESS_LOG", cls.access_log, ACCESS_LOG_MODES),
+            access_log_sample=_int("ACCESS_LOG_SAMPLE", cls.access_log_sample),
+            access_log_slow_ms=_positive("ACCESS_LOG_SLOW_MS", cls.access_log_slow_ms, "milliseconds"),
         )
 
     def limits(self) -> dict:

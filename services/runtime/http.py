@@ -33,6 +33,7 @@ import logging
 from urllib.parse import urlsplit
 
 from services.runtime import admin
+from services.runtime.access_log import AccessLog
 from services.runtime.consoles import HEADERS as CONSOLE_HEADERS
 from services.runtime.consoles import Consoles
 from services.runtime.config import Settings
@@ -77,11 +78,13 @@ class ServiceHttp:
         self.request_timeout, self.body_timeout = settings.request_timeout, settings.body_timeout
         self.error_statuses = error_statuses or {}  # a service's own, beyond openapi.POST_ERRORS
         self.consoles = Consoles(service)
+        self.access = AccessLog(settings.access_log, settings.access_log_sample, settings.access_log_slow_ms)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         method, path = scope["method"], scope["path"].rstrip("/") or "/"
+        send = self.access.wrap(scope, send)
 
         if path not in PROBES and not self._host_allowed(scope):
             return await self._error(send, 400, "invalid_host", f"Host {shown(_header(scope, b'host'))} is not in "
@@ -171,21 +174,23 @@ class ServiceHttp:
             sent = True
             await reshaping(message)
 
-        app = asyncio.ensure_future(self.app(scope, replay, tracking))
-        watcher = asyncio.ensure_future(watch())
+        loop = asyncio.get_running_loop()
+        app = loop.create_task(self.app(scope, replay, tracking))
+        watcher = loop.create_task(watch())
+        # The answer, the client leaving and the timeout each end the wait; plain callbacks
+        # rather than asyncio.wait, which builds a waiter and two callbacks per request.
+        stopped = []
+        timer = loop.call_later(self.request_timeout, lambda: stopped.append("timeout") or app.cancel())
+        watcher.add_done_callback(lambda _: app.done() or stopped.append("gone") or app.cancel())
         try:
-            done, _ = await asyncio.wait({app, watcher}, timeout=self.request_timeout,
-                                         return_when=asyncio.FIRST_COMPLETED)
+            return await app
+        except asyncio.CancelledError:
+            if not stopped:
+                raise  # this request itself was cancelled (the server is stopping)
         finally:
+            timer.cancel()
             watcher.cancel()
-        if app in done:
-            return app.result()
-        app.cancel()
-        try:
-            await app
-        except BaseException:  # noqa: BLE001 - cancelled as intended, or failing on its way out
-            pass
-        if watcher in done:
+        if stopped[0] == "gone":
             log.debug("%s %s: the client went away; its work was cancelled", scope["method"], scope["path"])
         elif not sent:
             await self._error(send, 504, "timeout", f"the request was not answered within "

@@ -1,0 +1,54 @@
+"""Work BentoML 1.4 does on every request that these services do not use, removed.
+
+Found by profiling a policy worker under load (py-spy; docs/flamegraphs/), each measured in
+BENCHMARKS.md against a bare BentoML service:
+
+1. The answer's media type. For every response BentoML builds a pydantic TypeAdapter and a JSON
+   schema of the endpoint's return type just to learn that it is "application/json" (12% of
+   the event loop's time at one client). cache_media_types() works it out once per endpoint.
+2. Tracing. Every request runs through OpenTelemetry's ASGI middleware, which opens a span,
+   collects its attributes and wraps every message, even when no exporter is configured and
+   the sample rate is 0, so nothing is ever recorded. Kept when BentoML's tracing is
+   configured (`tracing.exporter_type`), left out otherwise.
+3. The access log. BentoML formats and writes one line per request on the event loop. Ours
+   (access_log.py) replaces it: every error and slow request, one in ACCESS_LOG_SAMPLE of the
+   rest, or every request with ACCESS_LOG=all.
+"""
+
+from __future__ import annotations
+
+import logging
+
+log = logging.getLogger("services.runtime")
+
+
+def cache_media_types(service) -> None:
+    """Each endpoint's answer media type, computed once the way BentoML computes it per answer."""
+    for api in service.apis.values():
+        spec = api.output_spec
+        if spec.media_type is None:
+            spec.media_type = spec.mime_type()
+
+
+def tracing_configured() -> bool:
+    from bentoml._internal.configuration.containers import BentoMLContainer
+
+    return BentoMLContainer.tracing.exporter_type.get() is not None
+
+
+def install_lean_middlewares() -> None:
+    """BentoML's middleware stack without its access log, and without tracing unless configured."""
+    from _bentoml_impl.server.app import ServiceAppFactory
+
+    if getattr(ServiceAppFactory, "lean_middlewares", False):
+        return
+    full = ServiceAppFactory.middlewares.fget
+
+    def middlewares(self):
+        dropped = {"AccessLogMiddleware"} | (set() if tracing_configured() else {"OpenTelemetryMiddleware"})
+        kept = [m for m in full(self) if getattr(m.cls, "__name__", "") not in dropped]
+        log.debug("BentoML middlewares: %s", [getattr(m.cls, "__name__", m.cls) for m in kept])
+        return kept
+
+    ServiceAppFactory.middlewares = property(middlewares)
+    ServiceAppFactory.lean_middlewares = True
