@@ -1,21 +1,23 @@
 """Policy service (port 3001): actions from the RL policies in models/ (kind "policy").
 
     POST /act   {"observations": [[...], ...], "model": "cartpole", "deterministic": true}
+    POST /act?model=cartpole   Content-Type: application/x-npy, the observations as one .npy array
     GET  /info  policies with their observation and action spaces and action meanings
 
+With `Accept: application/x-npy` the answer is the actions as .npy (services/arrays.py).
 Pixel policies (uint8 camera frames, services/pixels.py) also take their observations as
 PNG frames or raw bytes (services/pixel_observations.py).
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, ClassVar
 
 import bentoml
 import numpy as np
-from pydantic import Field
+from pydantic import Field, ValidationError
 
-from services import pixel_observations
+from services import arrays, pixel_observations
 from services.runtime import (VERSION_FIELD, LoadedModel, Runtime, add_http_layer, api_errors, bad_request,
                               version_of)
 from services.runtime.config import service_options
@@ -45,6 +47,11 @@ def validate_observations(observations: Any, obs_shape: list[int], max_batch: in
             _check_one(observation, obs_shape, f"observations[{i}]")
         raise bad_request("invalid_observations", f"observations must have shape [N, {', '.join(map(str, obs_shape))}]",
                           "observations")  # not reached in practice: _check_one names the culprit
+    return checked_numbers(batch, images)
+
+
+def checked_numbers(batch: np.ndarray, images: bool) -> np.ndarray:
+    """A batch of the right shape as the model takes it: uint8 0..255 for images, else finite float32."""
     if images:
         return pixel_observations.check_uint8(batch)
     batch = batch.astype(np.float32)  # checked after the cast: 1e308 is finite, but not as a float32
@@ -69,6 +76,56 @@ def _check_one(observation: Any, obs_shape: list[int], field: str) -> None:
 
 def _json_kind(row: np.ndarray) -> str:
     return {"b": "booleans", "U": "strings", "O": "null or mixed values"}.get(row.dtype.kind, str(row.dtype))
+
+
+def validate_array(batch: np.ndarray, obs_shape: list[int], max_batch: int, images: bool) -> np.ndarray:
+    """An .npy body's array, checked as validate_observations checks lists."""
+    if batch.ndim != len(obs_shape) + 1 or list(batch.shape[1:]) != list(obs_shape) or len(batch) < 1:
+        raise bad_request("invalid_shape", f"this model takes an array of shape [N, {', '.join(map(str, obs_shape))}] "
+                          f"with N >= 1, got {list(batch.shape)}", "body")
+    if len(batch) > max_batch:
+        raise bad_request("batch_too_large", f"{len(batch)} observations is over the limit of {max_batch} per "
+                          "request (MAX_BATCH_SIZE)", "body")
+    return checked_numbers(batch, images)
+
+
+class ActRequest(bentoml.IODescriptor):
+    """/act's fields. A JSON body holds them all; an application/x-npy body is the observations
+    alone, with the other fields in the query string (/act?model=cartpole&deterministic=false)."""
+    observations: Annotated[list[Any] | None, Field(description="observation batch [N, *observation_shape]; "
+                                                    "pixel policies: integers 0..255")] = None
+    frames_png: Annotated[list[list[str]] | None, Field(description="pixel policies: per observation, its frames "
+                                                         "as base64 greyscale PNGs, oldest first")] = None
+    observations_b64: Annotated[str | None, Field(description="pixel policies: the batch's raw uint8 bytes, "
+                                                   "row-major, base64 (with shape)")] = None
+    shape: Annotated[list[int] | None, Field(description="the shape of observations_b64, [N, *observation_shape]")] \
+        = None
+    model: Annotated[str | None, Field(description="policy name; optional when one policy is loaded")] = None
+    deterministic: Annotated[bool, Field(description="greedy action (true) or sampled (false)")] = True
+    seed: Annotated[int | None, Field(description="seed for sampled actions", ge=0, le=2**63 - 1)] = None
+    version: Annotated[str | int | None, VERSION_FIELD] = None
+
+    npy_request: ClassVar[str] = ("the observations as one .npy array [N, *observation_shape] (float32, or uint8 "
+                                  "for pixel policies); model, deterministic, seed and version in the query string")
+    npy_answer: ClassVar[str] = ("with Accept: application/x-npy, the actions as .npy: int64 [N] for discrete "
+                                 "action spaces, float32 [N, *action_shape] otherwise; model, version in x-model, "
+                                 "x-model-version")
+    QUERY_FIELDS: ClassVar[tuple[str, ...]] = ("model", "deterministic", "seed", "version")
+
+    @classmethod
+    async def from_http_request(cls, request, serde):
+        if request.headers.get("content-type", "").split(";")[0].strip().lower() != arrays.NPY:
+            return await super().from_http_request(request, serde)
+        # The query's text values, converted as a form would be ("false", "7"); unknown names are
+        # refused by the model's extra="forbid" like unknown JSON fields. The body is read by act().
+        query = dict(request.query_params)
+        misplaced = [name for name in query if name in cls.model_fields and name not in cls.QUERY_FIELDS]
+        if misplaced:
+            raise ValidationError.from_exception_data(cls.__name__, [{
+                "type": "value_error", "loc": (misplaced[0],), "input": query[misplaced[0]],
+                "ctx": {"error": ValueError(f"with an .npy body the observations are the body; the query takes "
+                                            f"{', '.join(cls.QUERY_FIELDS)}")}}])
+        return cls.model_validate(query, strict=False)
 
 
 def sample_actions(model: LoadedModel, outputs: list[np.ndarray], seed: int | None) -> np.ndarray:
@@ -106,33 +163,28 @@ class Policy:
                     for name, m in self.runtime.models.items()}
         return self.runtime.info(policies=policies, endpoints=["POST /act", "GET /info"])
 
-    @bentoml.api(route="/act")
+    @bentoml.api(route="/act", input_spec=ActRequest)
     @api_errors
-    async def act(
-        self,
-        observations: Annotated[list[Any] | None, Field(description="observation batch [N, *observation_shape]; "
-                                                        "pixel policies: integers 0..255")] = None,
-        frames_png: Annotated[list[list[str]] | None, Field(description="pixel policies: per observation, its frames "
-                                                             "as base64 greyscale PNGs, oldest first")] = None,
-        observations_b64: Annotated[str | None, Field(description="pixel policies: the batch's raw uint8 bytes, "
-                                                       "row-major, base64 (with shape)")] = None,
-        shape: Annotated[list[int] | None, Field(description="the shape of observations_b64, [N, *observation_shape]")]
-        = None,
-        model: Annotated[str | None, Field(description="policy name; optional when one policy is loaded")] = None,
-        deterministic: Annotated[bool, Field(description="greedy action (true) or sampled (false)")] = True,
-        seed: Annotated[int | None, Field(description="seed for sampled actions", ge=0, le=2**63 - 1)] = None,
-        version: Annotated[str | int | None, VERSION_FIELD] = None,
-    ) -> dict:
+    async def act(self, ctx: bentoml.Context, observations=None, frames_png=None, observations_b64=None, shape=None,
+                  model=None, deterministic=True, seed=None, version=None):
+        answer_form = arrays.answer_form(ctx.request.headers.get("accept"))
         policy = self.runtime.get(model, version=version_of(version))
-        batch = self.observations(policy, observations, frames_png, observations_b64, shape)
+        if ctx.request.headers.get("content-type", "").split(";")[0].strip().lower() == arrays.NPY:
+            space = policy.card["contract"]["observation_space"]
+            batch = validate_array(arrays.read_npy(await ctx.request.body()), space["shape"],
+                                   self.runtime.settings.max_batch_size, space.get("dtype") == "uint8")
+        else:
+            batch = self.observations(policy, observations, frames_png, observations_b64, shape)
         outputs = await policy(batch)
         actions = outputs[0] if deterministic else sample_actions(policy, outputs, seed)
+        if answer_form == arrays.NPY:
+            return arrays.npy_response(actions, model=policy.name, model_version=policy.version,
+                                       deterministic=str(deterministic).lower())
         discrete = policy.card["contract"]["action_space"]["type"] == "Discrete"
         answer = {"actions": actions.tolist(), "values": outputs[2].tolist()}
         answer["probabilities" if discrete else "action_std"] = outputs[1].tolist()
         answer.update(model=policy.name, version=policy.version, deterministic=deterministic)
         return answer
-
 
     def observations(self, policy: LoadedModel, observations, frames_png, observations_b64, shape) -> np.ndarray:
         """The request's observation batch, in whichever of its forms it came, checked."""

@@ -39,6 +39,7 @@ import bentoml
 import numpy as np
 from pydantic import Field
 
+from services import arrays
 from services.classifier import state as taught_state
 from services.classifier.limits import Limits, check_name, import_bytes, int_field
 from services.classifier.matching import Matcher
@@ -330,11 +331,14 @@ class Classifier:
 
     @bentoml.api(route="/embed", input_spec=EmbedUpload)
     @api_errors
-    async def embed(self, images, problem=None, model=None, version=None) -> dict:
+    async def embed(self, images, problem=None, model=None, version=None, answer=arrays.JSON) -> dict:
         if problem is not None:
             raise problem
         classifier = self.runtime.get(model, kind="classifier", version=version)
         embeddings = (await self.infer(classifier, images))["embedding"]
+        if answer == arrays.NPY:
+            return arrays.npy_response(embeddings.astype(np.float32), model=classifier.name,
+                                       model_version=classifier.version)
         return {"embeddings": embeddings.tolist(), "dim": int(embeddings.shape[1]),
                 "model": classifier.name, "version": classifier.version}
 

@@ -12,18 +12,21 @@ import logging
 import threading
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import bentoml
 import numpy as np
 from pydantic import Field
 from pydantic.json_schema import SkipJsonSchema
 
-from services import imaging
+from services import arrays, imaging
 from services.runtime import VERSION_FIELD, ApiError, bad_request
 from services.runtime.errors import shown
 
 log = logging.getLogger("services.runtime")  # the runtime's logger has a handler in every worker
+
+
+HIDDEN = {"problem", "answer"}  # set by from_http_request, never by the client
 
 
 class Upload(bentoml.IODescriptor):
@@ -34,6 +37,11 @@ class Upload(bentoml.IODescriptor):
     async def from_http_request(cls, request, serde):
         values: dict[str, Any] = {name: (None if f.is_required() else f.default) for name, f in cls.model_fields.items()}
         values.update(images=[], problem=None)
+        if getattr(cls, "npy_answer", None):
+            try:
+                values["answer"] = arrays.answer_form(request.headers.get("accept"))
+            except ApiError as exc:
+                values["problem"] = exc
         media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if media_type not in ("multipart/form-data", "application/x-www-form-urlencoded"):
             values["problem"] = ApiError(415, "unsupported_media_type",
@@ -51,9 +59,9 @@ class Upload(bentoml.IODescriptor):
             values["problem"] = bad_request("invalid_multipart", f"cannot read the multipart form: {detail}")
             return cls.model_construct(**values)
         for key in form.keys():
-            if key not in cls.model_fields or key == "problem":
+            if key not in cls.model_fields or key in HIDDEN:
                 values["problem"] = values["problem"] or bad_request(
-                    "unknown_field", f"unknown form field {shown(key)}; expected {', '.join(sorted(set(cls.model_fields) - {'problem'}))}", key)
+                    "unknown_field", f"unknown form field {shown(key)}; expected {', '.join(sorted(set(cls.model_fields) - HIDDEN))}", key)
                 continue
             items = form.getlist(key)
             if key in file_fields:
@@ -85,6 +93,10 @@ class ClassifyUpload(Upload):
 class EmbedUpload(Upload):
     model: str | None = Field(None, description="model name; optional when one classifier is loaded")
     version: str | None = Field(None, description=VERSION_HELP)
+    answer: SkipJsonSchema[str] = arrays.JSON  # from the Accept header
+
+    npy_answer: ClassVar[str] = ("with Accept: application/x-npy, the embeddings as .npy, float32 [N, dim]; model "
+                                 "and version in x-model, x-model-version")
 
 
 class DetectUpload(Upload):

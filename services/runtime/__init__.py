@@ -25,17 +25,20 @@ def add_http_layer(service, name: str, settings: Settings | None = None,
     "determinstic" must be a 400 naming it, not a silently ignored option) and take
     types strictly: "deterministic": "yes" or 0, "seed": "7" or 1.0 are 400s, not guesses.
     """
-    json_routes = set()
+    json_routes, array_routes = {}, {}  # the routes' body media types; .npy forms (services/arrays.py)
     for api in service.apis.values():
         spec = api.input_spec
+        npy_request, npy_answer = getattr(spec, "npy_request", None), getattr(spec, "npy_answer", None)
         if not getattr(spec, "multipart_fields", None):  # multipart forms check their own fields
             spec.model_config["extra"] = "forbid"
             spec.model_config["strict"] = True
             spec.model_rebuild(force=True)
-            json_routes.add(api.route)
+            json_routes[api.route] = ("application/json", "application/x-npy") if npy_request else ("application/json",)
+        if npy_request or npy_answer:
+            array_routes[api.route] = {"request": npy_request, "answer": npy_answer}
     settings = settings or Settings.from_env(name)
     service.add_asgi_middleware(ServiceHttp, service=name, settings=settings, body_limits=body_limits,
-                                json_routes=json_routes, error_statuses=error_statuses)
+                                json_routes=json_routes, error_statuses=error_statuses, array_routes=array_routes)
     connections.install(settings.header_timeout)  # before uvicorn accepts the first connection
     pauses.install_timeout_fix()
     hot_path.cache_media_types(service)

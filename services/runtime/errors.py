@@ -47,13 +47,16 @@ def bad_request(code: str, message: str, field: str | None = None) -> ApiError:
 
 
 def api_errors(func):
-    """Decorate an async API method: an ApiError becomes its JSON response."""
+    """Decorate an async API method: an ApiError becomes its JSON response. A method that takes
+    BentoML's request context (`ctx`) has its answer's status set from it, so it is set there too."""
 
     @functools.wraps(func)
     async def wrapper(*args, **kwargs):
         try:
             return await func(*args, **kwargs)
         except ApiError as exc:
+            if kwargs.get("ctx") is not None:
+                kwargs["ctx"].response.status_code = exc.status
             return exc.response()
 
     return wrapper

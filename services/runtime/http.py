@@ -39,7 +39,7 @@ from services.runtime.consoles import Consoles
 from services.runtime.config import Settings
 from services.runtime.errors import ApiError, clip, error_body, shown
 from services.runtime.metrics import metrics
-from services.runtime.openapi import describe_errors
+from services.runtime.openapi import describe_arrays, describe_errors
 
 OPEN_METHODS = {"GET", "HEAD", "OPTIONS"}
 PROBES = {"/livez", "/healthz", "/readyz", "/metrics"}
@@ -67,16 +67,18 @@ DOCS_POLICY = b"default-src 'self'; img-src 'self' data:; style-src 'self' 'unsa
 
 class ServiceHttp:
     def __init__(self, app, service: str, settings: Settings, body_limits: dict[str, int] | None = None,
-                 json_routes: set[str] | None = None, error_statuses: dict[str, str] | None = None):
+                 json_routes: dict[str, tuple[str, ...]] | None = None, error_statuses: dict[str, str] | None = None,
+                 array_routes: dict[str, dict] | None = None):
         self.app, self.service, self.max_body_bytes = app, service, settings.max_body_bytes
         self.api_key = settings.api_key.encode() if settings.api_key else None
         self.admin_key = settings.admin_key
         self.body_limits = body_limits or {}  # route -> its own limit (the classifier's /state/import)
-        self.json_routes = json_routes or set()
+        self.json_routes = json_routes or {}  # route -> the media types its body may have, JSON first
         self.allowed_origins = {o.rstrip("/").lower() for o in settings.allowed_origins}
         self.allowed_hosts = {h.lower() for h in settings.allowed_hosts}
         self.request_timeout, self.body_timeout = settings.request_timeout, settings.body_timeout
         self.error_statuses = error_statuses or {}  # a service's own, beyond openapi.POST_ERRORS
+        self.array_routes = array_routes or {}  # route -> its .npy request and answer, for /docs.json
         self.consoles = Consoles(service)
         self.access = AccessLog(settings.access_log, settings.access_log_sample, settings.access_log_slow_ms)
 
@@ -127,10 +129,12 @@ class ServiceHttp:
 
         if origin is not None and not listed and not _same_origin(origin, scope):
             return await self._cross_origin(send, origin)
-        json_route = path in self.json_routes
-        if json_route and _media_type(scope) != "application/json":
-            return await self._error(send, 415, "unsupported_media_type", f"send the body as application/json, not "
-                                     f"{shown(_media_type(scope) or 'no content type')}", field="Content-Type")
+        accepted = self.json_routes.get(path)
+        media_type = _media_type(scope)
+        if accepted and media_type not in accepted:
+            return await self._error(send, 415, "unsupported_media_type", f"send the body as {' or '.join(accepted)}, "
+                                     f"not {shown(media_type or 'no content type')}", field="Content-Type")
+        json_route = accepted and media_type == "application/json"
         limit = self.body_limits.get(path, self.max_body_bytes)
         length = _header(scope, b"content-length")
         if length is not None and length.isdigit() and int(length) > limit:
@@ -227,7 +231,8 @@ class ServiceHttp:
 
         instance = bentoml.get_current_service()
         choices = getattr(instance, "model_choices", None)
-        document = describe_errors(document, self.error_statuses, choices() if choices else None)
+        document = describe_arrays(describe_errors(document, self.error_statuses, choices() if choices else None),
+                                   self.array_routes)
         runtime = getattr(instance, "runtime", None)
         document.setdefault("paths", {}).update(admin.openapi_paths(sorted(runtime.versions) if runtime else []))
         return document

@@ -73,3 +73,24 @@ def _model_field(operation: dict, names: list[str], required: bool) -> None:
         if required:
             field.pop("default", None)
             schema["required"] = sorted({*schema.get("required", []), "model"})
+
+
+def describe_arrays(document: dict, routes: dict[str, dict]) -> dict:
+    """Routes that also take or give NumPy .npy arrays (services/arrays.py): that request body,
+    that answer, and the 406 for an Accept header that takes neither JSON nor .npy."""
+    binary = lambda description: {"schema": {"type": "string", "format": "binary", "description": description}}
+    for route, forms in routes.items():
+        operation = document.get("paths", {}).get(route, {}).get("post")
+        if operation is None:
+            continue
+        if forms.get("request"):
+            operation.setdefault("requestBody", {}).setdefault("content", {})["application/x-npy"] = \
+                binary(forms["request"])
+        if forms.get("answer"):
+            responses = operation.setdefault("responses", {})
+            responses.setdefault("200", {"description": "OK"}).setdefault("content", {})["application/x-npy"] = \
+                binary(forms["answer"])
+            responses["406"] = {"description": "the Accept header takes neither application/json nor "
+                                               "application/x-npy", "content": {
+                "application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+    return document

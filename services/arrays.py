@@ -1,0 +1,90 @@
+"""Arrays on the wire for high-rate clients: NumPy's .npy format in and out, no JSON, no base64.
+
+    POST /act?model=cartpole   Content-Type: application/x-npy   body: numpy.save of [N, *obs_shape]
+    any endpoint that offers it, with  Accept: application/x-npy  -> its main array as .npy
+
+.npy is self-describing (a short text header with dtype, byte order and shape, then the raw
+bytes), written by `numpy.save` and read by `numpy.load`; libraries exist for C, C++, Rust,
+Julia and JavaScript. Pickled (object) arrays are refused. JSON stays the default both ways;
+errors are always JSON.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from starlette.responses import Response
+
+from services.runtime.errors import ApiError, bad_request, clip, shown
+
+NPY = "application/x-npy"
+JSON = "application/json"
+MAGIC = b"\x93NUMPY"
+
+
+def read_npy(body: bytes, field: str = "body") -> np.ndarray:
+    """A request body holding one .npy array of numbers; a 400 naming what is wrong otherwise."""
+    if not body.startswith(MAGIC):
+        raise bad_request("invalid_npy", "the body is not a .npy file (numpy.save's format, starting with "
+                          "\\x93NUMPY)", field)
+    stream = io.BytesIO(body)
+    try:
+        array = np.load(stream, allow_pickle=False)
+    except ValueError as exc:
+        reason = "object (pickled) arrays are not accepted" if "pickle" in str(exc) else clip(str(exc), 200)
+        raise bad_request("invalid_npy", f"cannot read the .npy body: {reason}", field) from None
+    except (OSError, EOFError, SyntaxError, TypeError) as exc:
+        raise bad_request("invalid_npy", f"cannot read the .npy body: {clip(str(exc), 200)}", field) from None
+    if stream.tell() != len(body):
+        raise bad_request("invalid_npy", f"{len(body) - stream.tell()} bytes follow the array: send one array "
+                          "per body", field)
+    if array.dtype.kind not in "iuf":
+        raise bad_request("invalid_dtype", f"the array must hold numbers (float or integer), not {array.dtype}",
+                          field)
+    return array
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    stream = io.BytesIO()
+    np.lib.format.write_array(stream, np.ascontiguousarray(array), allow_pickle=False)
+    return stream.getvalue()
+
+
+def npy_response(array: np.ndarray, **headers: str) -> Response:
+    """The array as the whole answer; what JSON would say beside it goes in x-... headers."""
+    return Response(npy_bytes(array), media_type=NPY,
+                    headers={f"x-{k.replace('_', '-')}": str(v) for k, v in headers.items()})
+
+
+def answer_form(accept: str | None, offered: tuple[str, ...] = (JSON, NPY)) -> str:
+    """The media type to answer in, from the Accept header: the client's preference among
+    `offered` (q values honoured; */* and a missing header mean the first, JSON). 406 when the
+    client accepts none of them."""
+    if not accept or not accept.strip():
+        return offered[0]
+    entries = []
+    for item in accept.split(","):
+        media, *params = [part.strip() for part in item.split(";")]
+        q = 1.0
+        for param in params:
+            key, _, value = param.partition("=")
+            if key.strip().lower() == "q":
+                try:
+                    q = float(value)
+                except ValueError:
+                    q = 0.0
+        entries.append((media.lower(), q))
+
+    def quality(candidate: str) -> float:
+        for pattern in (candidate, candidate.split("/")[0] + "/*", "*/*"):  # the most specific match counts
+            found = [q for media, q in entries if media == pattern]
+            if found:
+                return max(found)
+        return 0.0
+
+    q, _, best = max((quality(c), -i, c) for i, c in enumerate(offered))  # ties: the first offered
+    if q <= 0:
+        raise ApiError(406, "not_acceptable", f"this endpoint answers in {' or '.join(offered)}; the Accept header "
+                       f"{shown(accept)} takes neither", "Accept")
+    return best
