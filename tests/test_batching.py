@@ -53,3 +53,32 @@ def test_an_error_reaches_every_caller_of_that_batch_and_the_batcher_goes_on():
     first, second = asyncio.run(scenario())
     assert all(isinstance(r, RuntimeError) for r in first)
     np.testing.assert_array_equal(second[0], np.ones((1, 1)))
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+@pytest.mark.parametrize("inline_ms, seconds, inline_after_first", [(0.1, 0.0, True), (0.1, 0.003, False),
+                                                                      (0.0, 0.0, False)])
+def test_tiny_batches_run_on_the_event_loop(enabled, inline_ms, seconds, inline_after_first):
+    """A model faster than INLINE_INFER_MS skips the hop to the inference thread once its first
+    batch has been timed there; a slower one, or INLINE_INFER_MS=0, always takes the thread."""
+    import threading
+
+    threads = []
+
+    def infer(rows):
+        threads.append(threading.current_thread())
+        time.sleep(seconds)
+        return [rows + 1]
+
+    async def calls():
+        batcher = DynamicBatcher(infer, enabled=enabled, max_rows=8, wait_ms=0, inline_ms=inline_ms)
+        outputs = [await batcher(np.full((1, 2), i, np.float32)) for i in range(5)]
+        return threading.current_thread(), outputs
+
+    loop_thread, outputs = asyncio.run(calls())
+    assert [float(o[0][0, 0]) for o in outputs] == [1, 2, 3, 4, 5]
+    assert threads[0] is not loop_thread  # the first batch is timed on the thread
+    if inline_after_first:  # (the second may still take the thread if the first was slow to start)
+        assert threads[2:] == [loop_thread] * 3
+    else:
+        assert loop_thread not in threads

@@ -43,6 +43,7 @@ def add_http_layer(service, name: str, settings: Settings | None = None,
     pauses.install_timeout_fix()
     hot_path.cache_media_types(service)
     hot_path.install_lean_middlewares()
+    hot_path.cache_bound_methods()
 
 
 __all__ = ["VERSION_FIELD", "ApiError", "LoadedModel", "Runtime", "Settings", "add_http_layer", "api_errors",

@@ -7,6 +7,10 @@ max_rows) becomes the next batch: no added latency when idle, large batches unde
 Triton's dynamic batcher does. batch_wait_ms > 0 additionally holds the first request that
 long for company.
 
+A model so small that a batch takes less than inline_ms (CartPole's policy: 7 microseconds a
+row) runs on the event loop instead: handing it to the thread and back costs more than the run
+itself. The latest batch's time per row decides, so the first batch is timed on the thread.
+
 Why not BentoML's batchable API: it takes exactly one argument, so the public endpoints
 (with model, deterministic, seed, ...) would need a second hop, and a bad row in one request
 must not fail the others. Here each request is checked before it joins a batch.
@@ -27,8 +31,10 @@ InferFn = Callable[[np.ndarray], Sequence[np.ndarray]]
 
 class DynamicBatcher:
     def __init__(self, infer: InferFn, *, enabled: bool, max_rows: int, wait_ms: float,
-                 on_batch: Callable[[int], None] | None = None, name: str = "model"):
+                 on_batch: Callable[[int], None] | None = None, name: str = "model", inline_ms: float = 0.0):
         self.infer, self.enabled, self.max_rows, self.wait_s = infer, enabled, max_rows, wait_ms / 1000
+        self.inline_s = inline_ms / 1000
+        self.row_seconds: float | None = None  # the latest batch's time per row; None: none run yet
         self.on_batch = on_batch or (lambda rows: None)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"infer-{name}")
         self._queue: deque[tuple[np.ndarray, asyncio.Future]] = deque()
@@ -57,7 +63,7 @@ class DynamicBatcher:
             return list(await asyncio.to_thread(self.infer, rows))
         if not self.enabled:
             self.on_batch(len(rows))
-            return list(await loop.run_in_executor(self._executor, self.infer, rows))
+            return list(await self._run_batch(loop, rows))
         if self._worker is None or self._worker.done():
             self._wakeup = asyncio.Event()
             self._loop = loop
@@ -83,7 +89,7 @@ class DynamicBatcher:
                 rows = batch[0][0] if len(batch) == 1 else np.concatenate([r for r, _ in batch])
                 self.on_batch(len(rows))
                 try:
-                    outputs = await loop.run_in_executor(self._executor, self.infer, rows)
+                    outputs = await self._run_batch(loop, rows)
                 except Exception as exc:  # noqa: BLE001 - every waiting request gets the error
                     for _, future in batch:
                         if not future.done():
@@ -96,6 +102,18 @@ class DynamicBatcher:
                         future.set_result([out[start:end] for out in outputs])
                     start = end
         self._executor.shutdown(wait=False)
+
+    async def _run_batch(self, loop, rows: np.ndarray) -> Sequence[np.ndarray]:
+        """On the event loop when the estimate says it is quicker than the hop, else on the thread."""
+        if self.row_seconds is not None and len(rows) * self.row_seconds <= self.inline_s:
+            return self._timed(rows)
+        return await loop.run_in_executor(self._executor, self._timed, rows)
+
+    def _timed(self, rows: np.ndarray) -> Sequence[np.ndarray]:
+        started = time.perf_counter()
+        outputs = self.infer(rows)
+        self.row_seconds = (time.perf_counter() - started) / max(1, len(rows))
+        return outputs
 
     def _take(self) -> list[tuple[np.ndarray, asyncio.Future]]:
         """Queued requests in arrival order, up to max_rows rows (at least one request).

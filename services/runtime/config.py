@@ -100,6 +100,7 @@ class Settings:
     batching: bool = True              # merge concurrent requests into one inference batch
     batch_max_rows: int = 512          # rows in one merged inference batch
     batch_wait_ms: float = 0.0         # extra wait for more requests once one is queued
+    inline_infer_ms: float = 0.1       # batches expected to run faster than this run on the event loop
     infer_threads: int = 0             # onnxruntime intra-op threads; 0 lets onnxruntime choose
     warmup_min_seconds: float = 0.0    # keep warming up at least this long before ready
     model_versions: dict[str, str] = field(default_factory=dict)
@@ -136,6 +137,7 @@ class Settings:
             batching=batching,
             batch_max_rows=_int("BATCH_MAX_ROWS", cls.batch_max_rows, minimum=1),
             batch_wait_ms=_float("BATCH_WAIT_MS", cls.batch_wait_ms),
+            inline_infer_ms=_float("INLINE_INFER_MS", cls.inline_infer_ms),
             infer_threads=_int("INFER_THREADS", cls.infer_threads),
             warmup_min_seconds=_float("WARMUP_MIN_SECONDS", cls.warmup_min_seconds),
             model_versions=_pins(os.environ.get("MODEL_VERSIONS", "")),
@@ -168,4 +170,5 @@ class Settings:
             "adaptive_batching": self.batching,
             "batch_max_rows": self.batch_max_rows,
             "batch_wait_ms": self.batch_wait_ms,
+            "inline_infer_ms": self.inline_infer_ms,
         }

@@ -70,7 +70,7 @@ class LoadedModel:
                                                          settings.batch_max_rows))
         self.batcher = DynamicBatcher(self.run, enabled=settings.batching, max_rows=self.max_rows,
                                       wait_ms=settings.batch_wait_ms, on_batch=self._batch_sizes.observe,
-                                      name=entry.name)
+                                      name=entry.name, inline_ms=settings.inline_infer_ms)
 
     name = property(lambda self: self.entry.name)
     version = property(lambda self: self.entry.version)
