@@ -11,7 +11,7 @@ SERVE_ARGS ?=
 # tests. Installed when running as root.
 SYSTEM_PACKAGES := docker.io docker-compose debootstrap dataset-fashion-mnist chromium chromium-driver
 
-.PHONY: serve test system-packages train-policies play clean-venvs
+.PHONY: serve test system-packages train-policies play benchmark clean-venvs
 
 ## Serve every model in models/ (policy :3001, generator :3002, classifier :3003); Ctrl-C stops.
 serve: $(SERVE_VENV)/.installed
@@ -29,6 +29,13 @@ system-packages:
 	else \
 		echo "not root: cannot apt-get install $$missing; the tests that need them will skip and say so"; \
 	fi
+
+## Benchmark the services against raw onnxruntime and a bare BentoML floor (writes BENCHMARKS.md);
+## wrk drives the load (apt-get installed when root). BENCHMARK_ARGS="--services policy" etc.
+benchmark: $(DEV_VENV)/.installed
+	@command -v wrk >/dev/null || { [ "$$(id -u)" = 0 ] && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null; } \
+		|| { echo "wrk is missing: apt-get install wrk"; exit 1; }
+	$(DEV_VENV)/bin/python -m loadtests.benchmark $(BENCHMARK_ARGS)
 
 ## Reproduce the shipped policies (writes a new version under models/).
 train-policies: $(DEV_VENV)/.installed

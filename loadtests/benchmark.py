@@ -1,19 +1,25 @@
-"""Benchmark each service against the raw runtime, side by side, in one run:
+"""Benchmark each service against the raw runtime and the framework's floor, side by side, in one run:
 
   (a) raw onnxruntime throughput of the same model file in-process, batch sizes 1 to 64
       (for images: decoding or PNG encoding included, as the service does it);
-  (b) served throughput and p50/p95/p99 latency at 1, 8, 32 and 64 concurrent clients,
-      adaptive batching on;
-  (c) the same with batching off.
+  (b) the framework floor: requests/s of the service and of a bare BentoML service with the
+      same endpoint that answers a fixed answer of the same size (loadtests/floor.py), plain
+      and with the project's fixes to BentoML, driven by wrk at 1 and 64 connections in
+      alternating slices (loadtests/wrk.py); for the policy also JSON against .npy bodies
+      at 1 and 64 observations per request;
+  (c) served throughput and p50/p95/p99 latency at 1, 8, 32 and 64 concurrent clients
+      (this process's aiohttp client), adaptive batching on;
+  (d) the same with batching off.
 
     python -m loadtests.benchmark                          # every service with a workload and models
     python -m loadtests.benchmark --services policy --duration 5
+    python -m loadtests.benchmark --device cuda --out BENCHMARKS-gpu.md   # on a machine with a GPU
     python -m loadtests.benchmark --services classifier --compare-workers 1 2 --server-cores all
 
-Cores: the server (a real `bentoml serve`, one onnxruntime thread) is pinned to the first
-half of the cores, the load generator (this process, asyncio + aiohttp) to the other half,
-and the raw figure is measured on the server's cores with the same thread count. So the
-load generator never takes the server's CPU, and raw and served use the same compute.
+Cores: the servers (real `bentoml serve`s, one onnxruntime thread) are pinned to the first
+half of the cores, the load generators (wrk, and this process with asyncio + aiohttp) to the
+other half, and the raw figure is measured on the server's cores with the same thread count.
+So the load generator never takes the server's CPU, and raw and served use the same compute.
 Prints a table and writes BENCHMARKS.md with PNG plots beside it (benchmarks/).
 """
 
@@ -21,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import importlib.metadata
 import json
 import os
@@ -36,11 +43,32 @@ import aiohttp
 import numpy as np
 
 from loadtests.workloads import WORKLOADS, Workload
+from loadtests.wrk import Tally, Wrk
 from services import launch
 
 ROOT = Path(__file__).resolve().parent.parent
 CONCURRENCY = [1, 8, 32, 64]
 BATCH_SIZES = [1, 2, 4, 8, 16, 32, 64]
+WRK_CONNECTIONS = [1, 64]
+FLOORS = {"floor": {}, "floor_fixed": {"FLOOR_FIXES": "on"}}  # bare BentoML; with our fixes to it
+
+
+@dataclass
+class FloorRun:
+    """Requests/s at one connection count: ours and the floors', from the same alternating slices."""
+    connections: int
+    tallies: dict[str, Tally]
+
+    def ratio(self, floor: str = "floor") -> float:
+        return self.tallies["served"].per_second / self.tallies[floor].per_second
+
+
+@dataclass
+class FormRun:
+    """The policy's /act at one batch size and connection count, JSON against .npy."""
+    connections: int
+    batch: int
+    tallies: dict[str, Tally]
 
 
 @dataclass
@@ -71,14 +99,15 @@ def cpu_split() -> tuple[set[int], set[int]]:
     return set(cores[:half]), set(cores[half:]) or set(cores[:half])
 
 
-def raw_throughput(workload: Workload, server_cores: set[int], seconds: float) -> dict[int, float]:
+def raw_throughput(workload: Workload, server_cores: set[int], seconds: float, device: str = "cpu") -> dict[int, float]:
     """Items per second in-process at each batch size, on the server's cores, one onnxruntime thread."""
     code = (
         "import json, sys, os; from loadtests.workloads import WORKLOADS; "
         f"os.sched_setaffinity(0, {sorted(server_cores)}); "
         f"print(json.dumps(WORKLOADS[{workload.name!r}].raw({BATCH_SIZES}, {seconds})))"
     )
-    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "BENCHMARK_DEVICE": device})
     if result.returncode != 0:
         raise SystemExit(f"raw benchmark of {workload.name} failed:\n{result.stderr[-3000:]}")
     return {int(k): v for k, v in json.loads(result.stdout.strip().splitlines()[-1]).items()}
@@ -107,36 +136,103 @@ async def drive(url: str, workload: Workload, concurrency: int, seconds: float, 
         run.seconds = time.perf_counter() - started
 
 
-def served(workload: Workload, server_cores: set[int], batching: bool, seconds: float, logs: Path,
-           workers: int = 1) -> list[ServedRun]:
-    spec = next(s for s in launch.SERVICES if s.name == (workload.service or workload.name))
+@contextlib.contextmanager
+def serving(target: str, name: str, server_cores: set[int], env: dict, logs: Path, label: str):
+    """A `bentoml serve` of target pinned to the server's cores; yields its URL."""
     port = launch.free_port()
-    env = {"MODELS_DIR": str(ROOT / "models"), "INFER_THREADS": "1", "ADAPTIVE_BATCHING": "on" if batching else "off",
-           "WORKERS": str(workers), **workload.server_env}
-    log = open(logs / f"server-{workload.name}-{'on' if batching else 'off'}-w{workers}.log", "w")
-    process = subprocess.Popen(["taskset", "-c", ",".join(map(str, sorted(server_cores))),
-                                *launch.serve_command(spec, "127.0.0.1", port)],
-                               cwd=ROOT, env={**os.environ, **env, **launch.own_home(workload.name, port, os.environ)},
-                               stdout=log, stderr=subprocess.STDOUT,
-                               start_new_session=True)
+    log = open(logs / f"server-{label}.log", "w")
+    process = subprocess.Popen(["taskset", "-c", ",".join(map(str, sorted(server_cores))), sys.executable, "-m",
+                                "bentoml", "serve", target, "--host", "127.0.0.1", "--port", str(port)],
+                               cwd=ROOT, env={**os.environ, **env, **launch.own_home(name, port, os.environ)},
+                               stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
         if not launch.wait_ready(url, process, 180):
-            raise SystemExit(f"{workload.name} did not become ready; see {log.name}")
-        runs = []
-        for concurrency in CONCURRENCY:
-            run = ServedRun(concurrency, batching)
-            asyncio.run(drive(url, workload, concurrency, seconds, run))
-            print(f"  {workload.name:<10} batching {'on ' if batching else 'off'} workers {workers} {concurrency:>3} clients: "
-                  f"{run.items_per_s:8.1f} {workload.unit}/s  {run.requests_per_s:8.1f} req/s  "
-                  f"p50 {run.percentile(50):7.1f} ms  p95 {run.percentile(95):7.1f} ms  "
-                  f"p99 {run.percentile(99):7.1f} ms  failures {run.failures}", flush=True)
-            runs.append(run)
-        return runs
+            raise SystemExit(f"{target} did not become ready; see {log.name}")
+        yield url
     finally:
         launch.stop(process)
         log.close()
 
+
+def server_env(workload: Workload, batching: bool, workers: int, device: str) -> dict:
+    return {"MODELS_DIR": str(ROOT / "models"), "INFER_THREADS": "1", "ADAPTIVE_BATCHING": "on" if batching else "off",
+            "WORKERS": str(workers), "INFER_DEVICE": device, **workload.server_env}
+
+
+def latency_runs(url: str, workload: Workload, batching: bool, seconds: float, workers: int) -> list[ServedRun]:
+    runs = []
+    for concurrency in CONCURRENCY:
+        run = ServedRun(concurrency, batching)
+        asyncio.run(drive(url, workload, concurrency, seconds, run))
+        print(f"  {workload.name:<10} batching {'on ' if batching else 'off'} workers {workers} {concurrency:>3} clients: "
+              f"{run.items_per_s:8.1f} {workload.unit}/s  {run.requests_per_s:8.1f} req/s  "
+              f"p50 {run.percentile(50):7.1f} ms  p95 {run.percentile(95):7.1f} ms  "
+              f"p99 {run.percentile(99):7.1f} ms  failures {run.failures}", flush=True)
+        runs.append(run)
+    return runs
+
+
+def served(workload: Workload, server_cores: set[int], batching: bool, seconds: float, logs: Path,
+           workers: int = 1, device: str = "cpu") -> list[ServedRun]:
+    spec = next(s for s in launch.SERVICES if s.name == (workload.service or workload.name))
+    label = f"{workload.name}-{'on' if batching else 'off'}-w{workers}"
+    with serving(spec.target, workload.name, server_cores, server_env(workload, batching, workers, device),
+                 logs, label) as url:
+        return latency_runs(url, workload, batching, seconds, workers)
+
+
+def against_floor(workload: Workload, server_cores: set[int], client_cores: set[int], slice_seconds: float,
+                  slices: int, logs: Path, device: str) -> tuple[list[FloorRun], list[FormRun]]:
+    """(b): our service and the two floors, up together on the server's cores, driven in turn by
+    wrk in slices of slice_seconds, so that drift on the machine hits all three alike."""
+    spec = next(s for s in launch.SERVICES if s.name == (workload.service or workload.name))
+    env = server_env(workload, True, 1, device)
+    requests = workload.wrk_requests()
+    with contextlib.ExitStack() as stack:
+        urls = {"served": stack.enter_context(serving(spec.target, workload.name, server_cores, env, logs,
+                                                      f"{workload.name}-served"))}
+        answer = logs / f"floor-answer-{workload.name}.json"
+        answer.write_bytes(fetch(urls["served"], requests[0]))  # the floor answers this, byte for byte
+        for floor, extra in FLOORS.items():
+            urls[floor] = stack.enter_context(serving(workload.floor, f"{workload.name}-{floor}", server_cores,
+                                                      {**env, **extra, "FLOOR_ANSWER": str(answer)}, logs,
+                                                      f"{workload.name}-{floor}"))
+        wrk = stack.enter_context(contextlib.closing(Wrk(requests, client_cores)))
+        floor_runs = []
+        for connections in WRK_CONNECTIONS:
+            tallies = {name: Tally() for name in urls}
+            for _ in range(slices):
+                for name, url in urls.items():
+                    wrk.run(url, connections, slice_seconds, tallies[name])
+            floor_runs.append(FloorRun(connections, tallies))
+            print(f"  {workload.name:<10} wrk {connections:>2} connections: " + "  ".join(
+                f"{name} {t.per_second:8.1f} req/s ({t.failures} failed)" for name, t in tallies.items())
+                + f"  served/floor {floor_runs[-1].ratio():.2f}", flush=True)
+        form_runs = []
+        if hasattr(workload, "batch_requests"):  # the policy: JSON against .npy bodies
+            for batch in (1, 64):
+                wrks = {form: stack.enter_context(contextlib.closing(Wrk(workload.batch_requests(batch, form),
+                                                                          client_cores))) for form in ("json", "npy")}
+                for connections in WRK_CONNECTIONS:
+                    tallies = {form: Tally() for form in wrks}
+                    for _ in range(slices):
+                        for form, form_wrk in wrks.items():
+                            form_wrk.run(urls["served"], connections, slice_seconds, tallies[form])
+                    form_runs.append(FormRun(connections, batch, tallies))
+                    print(f"  {workload.name:<10} /act {batch:>2} per request, {connections:>2} connections: " +
+                          "  ".join(f"{form} {t.per_second * batch:9.1f} observations/s ({t.failures} failed)"
+                                    for form, t in tallies.items()), flush=True)
+        return floor_runs, form_runs
+
+
+def fetch(url: str, request) -> bytes:
+    import urllib.request
+
+    sent = urllib.request.Request(f"{url}{request.path}", data=request.body, method="POST",
+                                  headers={"Content-Type": request.content_type})
+    with urllib.request.urlopen(sent, timeout=60) as response:
+        return response.read()
 
 
 def plot(name: str, workload: Workload, raw: dict[int, float], runs: list[ServedRun], out: Path) -> list[str]:
@@ -195,24 +291,62 @@ def _installed(package: str) -> bool:
         return False
 
 
-def report(results: dict, command: str, server_cores: set[int], client_cores: set[int], out: Path) -> str:
+def report(results: dict, command: str, server_cores: set[int], client_cores: set[int], out: Path,
+           device: str = "cpu") -> str:
     lines = ["# Benchmarks", "",
              f"Command: `{command}`  ", f"Machine: {machine()}  ",
-             f"Cores: server (bentoml serve, INFER_THREADS=1) on {sorted(server_cores)}, load generator on "
-             f"{sorted(client_cores)}; the raw figure runs on the server's cores with one onnxruntime thread.", ""]
-    for name, (workload, raw, runs) in results.items():
+             f"Device: {device} (INFER_DEVICE={device} for the servers, the same provider for the raw runs)  ",
+             f"Cores: servers (bentoml serve, INFER_THREADS=1) on {sorted(server_cores)}, load generators on "
+             f"{sorted(client_cores)}; the raw figure runs on the server's cores with one onnxruntime thread.", "",
+             "## Summary", "",
+             "served / floor: our service's requests/s over a bare BentoML service's with the same endpoint and a "
+             "fixed answer of the same size (`loadtests/floor.py`), both driven by wrk in alternating slices; "
+             "\"floor + fixes\" is that bare service with the fixes to BentoML our services run with "
+             "(`services/runtime/pauses.py`, `hot_path.py`), so it isolates the cost of our own code. "
+             "p99 / p50: latency at 64 clients, batching on, from the benchmark's own client.", "",
+             "| service | served / floor, 1 conn | served / floor, 64 conn | served / (floor + fixes), 1 | "
+             "served / (floor + fixes), 64 | p99 / p50 at 64 clients | served / raw at saturation |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for name, (workload, raw, runs, floor_runs, _) in results.items():
+        by = {f.connections: f for f in floor_runs}
+        on64 = next(r for r in runs if r.batching and r.concurrency == 64)
+        best = max(r.items_per_s for r in runs if r.batching)
+        lines.append(f"| {name} | {by[1].ratio():.2f} | {by[64].ratio():.2f} | {by[1].ratio('floor_fixed'):.2f} | "
+                     f"{by[64].ratio('floor_fixed'):.2f} | {on64.percentile(99) / on64.percentile(50):.2f} | "
+                     f"{best / max(raw.values()):.0%} |")
+    lines += [""] + summary_targets(results) + [""]
+    for name, (workload, raw, runs, floor_runs, form_runs) in results.items():
         best_raw = max(raw.values())
         on = {r.concurrency: r for r in runs if r.batching}
         off = {r.concurrency: r for r in runs if not r.batching}
         lines += [f"## {name}", "", workload.description, "",
                   f"(a) raw in-process, {workload.unit}/s by batch size: " +
                   ", ".join(f"{b}: {v:,.0f}" for b, v in raw.items()), "",
-                  f"| clients | batching | {workload.unit}/s | req/s | p50 ms | p95 ms | p99 ms | failures |",
-                  "|---:|---|---:|---:|---:|---:|---:|---:|"]
+                  f"(b) against the framework's floor (wrk, {floor_runs[0].tallies['served'].seconds:.0f} s per "
+                  "server and connection count, in alternating slices):", "",
+                  "| connections | served req/s | floor req/s | floor + fixes req/s | served / floor | "
+                  "served / (floor + fixes) | failed |", "|---:|---:|---:|---:|---:|---:|---:|"]
+        for f in floor_runs:
+            t = f.tallies
+            lines.append(f"| {f.connections} | {t['served'].per_second:,.0f} | {t['floor'].per_second:,.0f} | "
+                         f"{t['floor_fixed'].per_second:,.0f} | **{f.ratio():.2f}** | {f.ratio('floor_fixed'):.2f} | "
+                         f"{sum(x.failures for x in t.values())} |")
+        if form_runs:
+            lines += ["", "JSON against .npy (`Content-Type` and `Accept: application/x-npy`), observations/s:", "",
+                      "| observations per request | connections | JSON | .npy | .npy / JSON |",
+                      "|---:|---:|---:|---:|---:|"]
+            for f in form_runs:
+                json_rate, npy_rate = (f.tallies[k].per_second * f.batch for k in ("json", "npy"))
+                lines.append(f"| {f.batch} | {f.connections} | {json_rate:,.0f} | {npy_rate:,.0f} | "
+                             f"{npy_rate / json_rate:.2f} |")
+        lines += ["", "(c), (d) latency from the benchmark's client, batching on and off:", "",
+                  f"| clients | batching | {workload.unit}/s | req/s | p50 ms | p95 ms | p99 ms | p99 / p50 | "
+                  "failures |",
+                  "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
         for r in runs:
             lines.append(f"| {r.concurrency} | {'on' if r.batching else 'off'} | {r.items_per_s:,.1f} | "
                          f"{r.requests_per_s:,.1f} | {r.percentile(50):.1f} | {r.percentile(95):.1f} | "
-                         f"{r.percentile(99):.1f} | {r.failures} |")
+                         f"{r.percentile(99):.1f} | {r.percentile(99) / r.percentile(50):.2f} | {r.failures} |")
         saturation_on = max(r.items_per_s for r in on.values())
         lines += ["", f"- served at saturation (batching on): {saturation_on:,.1f} {workload.unit}/s = "
                       f"**{saturation_on / best_raw:.0%} of raw** ({best_raw:,.0f})",
@@ -229,9 +363,30 @@ def report(results: dict, command: str, server_cores: set[int], client_cores: se
               "- [benchmarks/faces.md](benchmarks/faces.md): the face pipeline per photo by size, each step and one "
               "served /check (`python -m loadtests.faces_benchmark`).",
               "- [benchmarks/tail.md](benchmarks/tail.md): the p99 tail, garbage-collection stalls, found and removed; "
-              "p99 / p50 before and after.", ""]
+              "p99 / p50 before and after.",
+              "- [benchmarks/hot_path.md](benchmarks/hot_path.md): where a request's time went (py-spy flame graphs), "
+              "what was removed, and the access log's cost.", ""]
     text = "\n".join(lines) + "\n"
     return text
+
+
+def summary_targets(results: dict) -> list[str]:
+    """The performance issue's targets, each met or not, from this run's figures."""
+    lines = []
+    if "policy" in results:
+        by = {f.connections: f for f in results["policy"][3]}
+        for connections, target in ((1, 0.95), (64, 1.0)):
+            ratio = by[connections].ratio()
+            lines.append(f"- target: policy `/act` served / floor >= {target:.2f} at {connections} connection"
+                         f"{'s' if connections > 1 else ''}: **{'met' if ratio >= target else 'missed'}** "
+                         f"({ratio:.2f}).")
+    tails = {name: next(r for r in runs if r.batching and r.concurrency == 64)
+             for name, (_, _, runs, _, _) in results.items()}
+    worst = max(tails, key=lambda n: tails[n].percentile(99) / tails[n].percentile(50))
+    ratio = tails[worst].percentile(99) / tails[worst].percentile(50)
+    lines.append(f"- target: p99 <= 3 x p50 at 64 clients for every service: **{'met' if ratio <= 3 else 'missed'}** "
+                 f"(highest: {worst}, {ratio:.2f}).")
+    return lines
 
 
 TARGETS = {"policy": "batching on at least 3x the requests/s of batching off, at 64 clients",
@@ -296,6 +451,38 @@ def compare_workers(names: list[str], counts: list[int], server_cores: set[int],
     return "\n".join(lines)
 
 
+def compare_settings(names: list[str], settings: list[str], server_cores: set[int], client_cores: set[int],
+                     slice_seconds: float, slices: int, logs: Path, command: str) -> str:
+    """Requests/s of each service under each setting (NAME=value[,NAME=value]), servers up together
+    and driven by wrk in alternating slices: what a setting costs, in one run."""
+    lines = [f"`{command}` on {machine()}, servers on cores {sorted(server_cores)}, wrk on "
+             f"{sorted(client_cores)}, {slices} slices of {slice_seconds:g} s per server:", "",
+             "| service | connections | " + " | ".join(f"{s} req/s" for s in settings) + " |",
+             "|---|---:|" + "---:|" * len(settings)]
+    for name in names:
+        workload = WORKLOADS[name]
+        spec = next(s for s in launch.SERVICES if s.name == (workload.service or workload.name))
+        with contextlib.ExitStack() as stack:
+            urls = {}
+            for k, setting in enumerate(settings):
+                env = {**server_env(workload, True, 1, "cpu"),
+                       **dict(item.split("=", 1) for item in setting.split(",") if item)}
+                urls[setting] = stack.enter_context(serving(spec.target, f"{name}-setting{k}", server_cores, env, logs,
+                                                            f"{name}-setting{k}"))
+            wrk = stack.enter_context(contextlib.closing(Wrk(workload.wrk_requests(), client_cores)))
+            for connections in WRK_CONNECTIONS:
+                tallies = {setting: Tally() for setting in settings}
+                for _ in range(slices):
+                    for setting, url in urls.items():
+                        wrk.run(url, connections, slice_seconds, tallies[setting])
+                base = tallies[settings[0]].per_second
+                lines.append(f"| {name} | {connections} | " + " | ".join(
+                    f"{t.per_second:,.0f} ({t.per_second / base:.2f})" for t in tallies.values()) + " |")
+                print(lines[-1], flush=True)
+    lines += ["", f"In brackets: relative to {settings[0]}."]
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m loadtests.benchmark", description=__doc__.split("\n")[0])
     p.add_argument("--services", nargs="*", default=None, help=f"default: all of {sorted(WORKLOADS)} with models")
@@ -305,6 +492,13 @@ def main(argv=None) -> int:
     p.add_argument("--compare-workers", nargs="+", type=int, metavar="N",
                    help="instead of the full run: served throughput (batching on) with WORKERS=N for each N, "
                         "side by side; writes benchmarks/workers.md beside --out")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                   help="the servers' INFER_DEVICE and the raw runs' execution provider (cuda needs a GPU)")
+    p.add_argument("--slices", type=int, default=3, help="wrk slices per server and connection count")
+    p.add_argument("--slice-seconds", type=float, default=2, help="seconds per wrk slice")
+    p.add_argument("--compare-settings", nargs="+", metavar="NAME=VALUE[,NAME=VALUE]",
+                   help="instead of the full run: requests/s under each setting, side by side (wrk); "
+                        "e.g. ACCESS_LOG=all ACCESS_LOG=sampled ACCESS_LOG=off; writes benchmarks/settings.md")
     p.add_argument("--server-cores", choices=["half", "all"], default="half",
                    help="half: server and load generator on separate cores (default); all: the server may use "
                         "every core (the load generator shares them), for --compare-workers")
@@ -324,21 +518,33 @@ def main(argv=None) -> int:
         (plots / "workers.md").write_text(f"# Requests/s by WORKERS\n\n{text}\n")
         print(f"\nwrote {plots / 'workers.md'}")
         return 0
+    if args.compare_settings:
+        text = compare_settings(names, args.compare_settings, server_cores, client_cores, args.slice_seconds,
+                                args.slices, plots, command)
+        (plots / "settings.md").write_text(f"# Requests/s by setting\n\n{text}\n")
+        print(f"\nwrote {plots / 'settings.md'}")
+        return 0
     results = {}
     for name in names:
         workload = WORKLOADS[name]
         print(f"{name}: raw in-process on cores {sorted(server_cores)} ...", flush=True)
-        raw = raw_throughput(workload, server_cores, args.raw_seconds)
+        raw = raw_throughput(workload, server_cores, args.raw_seconds, args.device)
         print("  " + ", ".join(f"batch {b}: {v:,.0f} {workload.unit}/s" for b, v in raw.items()), flush=True)
-        runs = (served(workload, server_cores, True, args.duration, plots)
-                + served(workload, server_cores, False, args.duration, plots))
+        floor_runs, form_runs = against_floor(workload, server_cores, client_cores, args.slice_seconds, args.slices,
+                                              plots, args.device)
+        runs = (served(workload, server_cores, True, args.duration, plots, device=args.device)
+                + served(workload, server_cores, False, args.duration, plots, device=args.device))
         plot(name, workload, raw, runs, plots)
-        results[name] = (workload, raw, runs)
+        results[name] = (workload, raw, runs, floor_runs, form_runs)
     (plots / "results.json").write_text(json.dumps(
         {name: {"raw": raw, "served": [{**vars(r), "latencies_ms": None, "p50": r.percentile(50),
-                                        "p95": r.percentile(95), "p99": r.percentile(99)} for r in runs]}
-         for name, (_, raw, runs) in results.items()}, indent=1))
-    text = report(results, command, server_cores, client_cores, args.out)
+                                        "p95": r.percentile(95), "p99": r.percentile(99)} for r in runs],
+                "floor": [{"connections": f.connections, **{k: vars(t) for k, t in f.tallies.items()}}
+                          for f in floor_runs],
+                "forms": [{"connections": f.connections, "batch": f.batch, **{k: vars(t) for k, t in f.tallies.items()}}
+                          for f in form_runs]}
+         for name, (_, raw, runs, floor_runs, form_runs) in results.items()}, indent=1))
+    text = report(results, command, server_cores, client_cores, args.out, args.device)
     args.out.write_text(text)
     print(f"\nwrote {args.out}\n")
     print(text)

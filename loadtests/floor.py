@@ -7,6 +7,9 @@ request, so the floor serialises an answer of the same size. No model, no checks
 HTTP layer. Served like ours (`bentoml serve`, the same WORKERS and traffic timeout), it is
 what any BentoML service costs per request on this machine; served / floor is our share.
 
+FLOOR_FIXES=on gives the floor the same fixes to BentoML our services run with (pauses.py,
+hot_path.py): against that floor, served / floor is the cost of our own code alone.
+
     FLOOR_ANSWER=answer.json bentoml serve loadtests.floor:PolicyFloor
 """
 
@@ -18,14 +21,18 @@ from typing import Any
 
 import bentoml
 
-from services.runtime import pauses
+from services.runtime import hot_path, pauses
 from services.runtime.config import service_options
 
-pauses.install_timeout_fix()
+FIXES = os.environ.get("FLOOR_FIXES", "off") == "on"
+if FIXES:
+    pauses.install_timeout_fix()
+    hot_path.install_lean_middlewares()
+    hot_path.cache_bound_methods()
 
 
 def fixed_answer() -> Any:
-    pauses.freeze_long_lived("floor", True)
+    pauses.freeze_long_lived("floor", FIXES)
     path = os.environ.get("FLOOR_ANSWER")
     return json.loads(open(path).read()) if path else {}
 
@@ -75,3 +82,8 @@ class ClassifierFloor:
     @bentoml.api(route="/classify", input_spec=FormUpload)
     async def classify(self, images, top_k=5) -> dict:
         return self.answer
+
+
+if FIXES:
+    for floor in (PolicyFloor, GeneratorFloor, ClassifierFloor):
+        hot_path.cache_media_types(floor)

@@ -7,19 +7,22 @@ the same onnxruntime session options, and (2) how to make one checked HTTP reque
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
 import numpy as np
 
+from loadtests.wrk import Request, multipart
 from services.runtime import device, repository
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def session_for(service: str, name: str):
+    """The model's session as the server makes it: one thread, on BENCHMARK_DEVICE (cpu or cuda)."""
     entry = repository.resolve(ROOT / "models" / service, name, kind=service)
-    session, _, _ = device.create_session(entry.path, "cpu", threads=1)
+    session, _, _ = device.create_session(entry.path, os.environ.get("BENCHMARK_DEVICE", "cpu"), threads=1)
     return entry, session
 
 
@@ -38,8 +41,14 @@ class Workload:
     service = ""   # the service it calls, when not its name
     model = ""     # the model folder it needs, when not any of the service's
     unit = "items"
+    per_request = 1  # items in each request
     description = ""
     server_env: dict[str, str] = {}
+    floor = ""     # the bare BentoML service with the same endpoint (loadtests/floor.py)
+
+    def wrk_requests(self) -> list[Request]:
+        """The same requests for wrk (loadtests/wrk.py): path, content type and body, prepared."""
+        raise NotImplementedError
 
     def raw(self, batch_sizes: list[int], seconds: float) -> dict[int, float]:
         raise NotImplementedError
@@ -86,6 +95,24 @@ class PolicyWorkload(Workload):
     def answered(self, answer):
         return int(len(answer.get("actions", [])) == 1)
 
+    floor = "loadtests.floor:PolicyFloor"
+
+    def wrk_requests(self):
+        return [Request(path, "application/json", json.dumps(kwargs["json"]).encode())
+                for path, kwargs in map(self.request, range(256))]
+
+    def batch_requests(self, batch: int, form: str) -> list[Request]:
+        """/act with `batch` observations per request, as JSON or as .npy both ways (request and answer)."""
+        from services.arrays import npy_bytes
+
+        rows = np.asarray(self.observations, np.float32)
+        batches = [rows[(k * batch) % (len(rows) - batch):][:batch] for k in range(64)]
+        if form == "json":
+            return [Request("/act", "application/json", json.dumps({"observations": b.tolist(),
+                                                                      "model": "cartpole"}).encode()) for b in batches]
+        return [Request("/act?model=cartpole", "application/x-npy", npy_bytes(b), accept="application/x-npy")
+                for b in batches]
+
 
 class PixelPolicyWorkload(Workload):
     name = "policy_pixels"
@@ -124,6 +151,12 @@ class PixelPolicyWorkload(Workload):
     def answered(self, answer):
         return int(len(answer.get("actions", [])) == 1)
 
+    floor = "loadtests.floor:PolicyFloor"
+
+    def wrk_requests(self):
+        return [Request(path, "application/json", json.dumps(kwargs["json"]).encode())
+                for path, kwargs in map(self.request, range(64))]
+
 
 class GeneratorWorkload(Workload):
     name = "generator"
@@ -153,6 +186,12 @@ class GeneratorWorkload(Workload):
     def answered(self, answer):
         return self.per_request if len(answer.get("images", [])) == self.per_request else 0
 
+    floor = "loadtests.floor:GeneratorFloor"
+
+    def wrk_requests(self):
+        return [Request(path, "application/json", json.dumps(kwargs["json"]).encode())
+                for path, kwargs in map(self.request, range(256))]
+
 
 class ClassifierWorkload(Workload):
     name = "classifier"
@@ -181,6 +220,20 @@ class ClassifierWorkload(Workload):
 
     def answered(self, answer):
         return self.per_request if len(answer.get("predictions", [])) == self.per_request else 0
+
+    floor = "loadtests.floor:ClassifierFloor"
+
+    def wrk_requests(self):
+        from loadtests.classifier_data import samples
+
+        pool = samples()
+        requests = []
+        for i in range(0, len(pool), self.per_request):
+            files = [(name, data, "image/png" if name.endswith("png") else "image/jpeg")
+                     for name, data, _ in pool[i:i + self.per_request]]
+            body, content_type = multipart(files)
+            requests.append(Request("/classify", content_type, body))
+        return requests
 
 
 def aiohttp_form(files):
