@@ -3,7 +3,14 @@
     POST /generate     {"n": 4, "seed": 7, "latents": null, "truncation": 1.0, "format": "json" | "png"}
     POST /interpolate  {"seed_a": 1, "seed_b": 2, "steps": 8, "method": "slerp" | "linear",
                         "format": "json" | "png" | "gif"}
-    GET  /info         latent size, image size and channels, limits, the cards' metrics
+    GET  /info         latent size, image size and channels, classes, limits, the cards' metrics
+
+Class-conditional generators (their card lists `classes`) also take `label`: a class name or
+index for every image, or a list with one per image; without it image i's class is its seed
+mod the number of classes (explicit latents: i mod it). The model's input is the latent then
+the class weights (one-hot; /interpolate mixes two to morph one class into another).
+With `Accept: application/x-npy` /generate answers the images as uint8 [N, H, W] (.npy), no
+PNG, no base64 (services/arrays.py).
 
 A seed becomes a latent exactly as the card says: numpy's default_rng(seed).standard_normal(z)
 as float32; image i of a request with seed s uses seed (s + i) mod 2**32. Pixels are
@@ -28,6 +35,7 @@ import numpy as np
 from pydantic import Field
 from starlette.responses import Response
 
+from services import arrays
 from services.runtime import (VERSION_FIELD, LoadedModel, Runtime, add_http_layer, api_errors, bad_request,
                               version_of)
 from services.runtime.config import service_options
@@ -123,6 +131,48 @@ def check_format(value: str, allowed: tuple[str, ...]) -> str:
     return value
 
 
+def check_labels(label: Any, count: int, classes: list[str] | None, model: str, field: str = "label",
+                 default: list[int] | None = None) -> np.ndarray | None:
+    """A request's label (a class name or index, or a list of one per image) -> int [count];
+    400 naming the classes otherwise. None for an unconditional model without a label."""
+    if classes is None:
+        if label is not None:
+            raise bad_request("not_conditional", f"{model} is not class-conditional: it takes no {field}", field)
+        return None
+    if label is None:
+        return np.asarray(default, np.int64) % len(classes)
+    items = label if isinstance(label, list) else [label] * count
+    if isinstance(label, list) and len(label) != count:
+        raise bad_request("label_count", f"{field} has {len(label)} entries for {count} images: give one label, or "
+                          "one per image", field)
+    out = []
+    for i, item in enumerate(items):
+        where = f"{field}[{i}]" if isinstance(label, list) else field
+        if isinstance(item, int) and not isinstance(item, bool) and 0 <= item < len(classes):
+            out.append(item)
+        elif isinstance(item, str) and item.strip().lower() in (c.lower() for c in classes):
+            out.append([c.lower() for c in classes].index(item.strip().lower()))
+        else:
+            raise bad_request("invalid_label", f"{shown(item)} is not a class of {model}: give a name or index "
+                              f"0..{len(classes) - 1} of {classes}", where)
+    return np.asarray(out, np.int64)
+
+
+def model_inputs(latents: np.ndarray, labels: np.ndarray | None, classes: list[str] | None,
+                 weights: np.ndarray | None = None) -> np.ndarray:
+    """What the model takes: the latents, then (conditional models) the class weights, one-hot
+    for labels unless weights are given (morphing)."""
+    if classes is None:
+        return latents
+    if weights is None:
+        weights = np.eye(len(classes), dtype=np.float32)[labels]
+    return np.concatenate([latents, weights.astype(np.float32)], axis=1)
+
+
+def classes_of(model: LoadedModel) -> list[str] | None:
+    return model.card["contract"].get("classes")
+
+
 def check_latents(latents: Any, latent_dim: int) -> np.ndarray:
     """A JSON list of latents -> float32 [N, latent_dim]; 400 naming the first bad row."""
     if not isinstance(latents, list) or not latents:
@@ -167,7 +217,8 @@ class Generator:
 
     def info(self) -> dict:
         generators = {name: {key: m.card["contract"].get(key) for key in
-                             ("latent_dim", "image_size", "channels", "output_range", "seed_to_latent", "to_uint8")}
+                             ("latent_dim", "classes", "image_size", "channels", "output_range", "seed_to_latent",
+                              "to_uint8")}
                       for name, m in self.runtime.models.items()}
         limits = {**self.runtime.settings.limits(), "max_images": MAX_IMAGES, "steps": [MIN_STEPS, MAX_STEPS],
                   "seed": [0, MAX_SEED], "max_abs_latent": MAX_ABS_LATENT,
@@ -176,6 +227,9 @@ class Generator:
                   "methods": list(METHODS)}
         return self.runtime.info(generators=generators, limits=limits,
                                  seeds="image i of a request with seed s uses seed (s + i) mod 2**32",
+                                 labels="class-conditional generators (those listing classes): label names a class "
+                                        "by name or index; without it image i's class is its seed mod the number "
+                                        "of classes",
                                  endpoints=["POST /generate", "POST /interpolate", "GET /info"])
 
     async def _images(self, model: LoadedModel, latents: np.ndarray) -> np.ndarray:
@@ -189,18 +243,25 @@ class Generator:
     @api_errors
     async def generate(
         self,
+        ctx: bentoml.Context,
         n: Annotated[int | None, Field(strict=True, description=f"images, 1..{MAX_IMAGES}; default 1, "
                                                                 "or the number of latents")] = None,
         seed: Annotated[int | None, Field(strict=True, description=f"0..{MAX_SEED}; null draws one")] = None,
         latents: Annotated[list[Any] | None, Field(description="explicit latents [N, latent_dim] instead of a seed")] = None,
         truncation: Annotated[float, Field(description="scale latents by this, in (0, 1]")] = 1.0,
-        format: Annotated[str, Field(description="json (base64 PNGs) or png (one image, a grid when n > 1)")] = "json",
+        format: Annotated[str, Field(description="json (base64 PNGs) or png (one image, a grid when n > 1); with "
+                                                 "json, Accept: application/x-npy answers uint8 [N, H, W]")] \
+            = "json",
+        label: Annotated[str | int | list[str | int] | None, Field(
+            description="class-conditional generators: the class (name or index, see /info) of every image, or a "
+                        "list with one per image; default: image i's seed mod the number of classes")] = None,
         model: Annotated[str | None, Field(description="generator name; optional when one is loaded")] = None,
         version: Annotated[str | int | None, VERSION_FIELD] = None,
     ) -> Any:
         generator = self.runtime.get(model, version=version_of(version))
-        latent_dim = generator.card["contract"]["latent_dim"]
+        latent_dim, classes = generator.card["contract"]["latent_dim"], classes_of(generator)
         check_format(format, GENERATE_FORMATS)
+        answer_form = arrays.answer_form(ctx.request.headers.get("accept")) if format == "json" else format
         scale = check_truncation(truncation)
         if latents is not None:
             if seed is not None:
@@ -216,15 +277,25 @@ class Generator:
             first = secrets.randbelow(MAX_SEED + 1) if seed is None else check_seed(seed, "seed")
             seeds = [(first + i) % (MAX_SEED + 1) for i in range(n)]
             batch = np.stack([seed_latent(s, latent_dim) for s in seeds])
-        images = await self._images(generator, batch * scale)
+        labels = check_labels(label, len(batch), classes, generator.name,
+                              default=[i if s is None else s for i, s in enumerate(seeds)])
+        images = await self._images(generator, model_inputs(batch * scale, labels, classes))
+        headers = {"x-seeds": ",".join("null" if s is None else str(s) for s in seeds)}
+        if labels is not None:
+            headers["x-labels"] = ",".join(map(str, labels.tolist()))
+        if answer_form == arrays.NPY:
+            return self._binary(arrays.npy_bytes(images[..., 0] if images.shape[-1] == 1 else images), arrays.NPY,
+                                generator, headers)
         if format == "png":
             columns = math.ceil(math.sqrt(len(images)))
             body = await self._encode(lambda: png_bytes(image_grid(images, columns) if len(images) > 1 else images[0]))
-            return self._binary(body, "image/png", generator,
-                                {"x-seeds": ",".join("null" if s is None else str(s) for s in seeds)})
+            return self._binary(body, "image/png", generator, headers)
         encoded = await self._encode(lambda: [base64.b64encode(png_bytes(image)).decode() for image in images])
-        return {"images": encoded, "seeds": seeds, "model": generator.name, "version": generator.version,
-                "truncation": float(truncation)}
+        answer = {"images": encoded, "seeds": seeds, "model": generator.name, "version": generator.version,
+                  "truncation": float(truncation)}
+        if labels is not None:
+            answer["labels"] = [classes[k] for k in labels]
+        return answer
 
     @bentoml.api(route="/interpolate")
     @api_errors
@@ -236,11 +307,15 @@ class Generator:
         method: Annotated[str, Field(description="slerp (spherical) or linear")] = "slerp",
         truncation: Annotated[float, Field(description="scale latents by this, in (0, 1]")] = 1.0,
         format: Annotated[str, Field(description="json (base64 PNG frames), png (a grid) or gif (animated)")] = "json",
+        label_a: Annotated[str | int | None, Field(description="class-conditional generators: the first frame's "
+                                                   "class (name or index); default: seed_a mod classes")] = None,
+        label_b: Annotated[str | int | None, Field(description="the last frame's class; the same seeds with two "
+                                                   "labels morph one class into the other")] = None,
         model: Annotated[str | None, Field(description="generator name; optional when one is loaded")] = None,
         version: Annotated[str | int | None, VERSION_FIELD] = None,
     ) -> Any:
         generator = self.runtime.get(model, version=version_of(version))
-        latent_dim = generator.card["contract"]["latent_dim"]
+        latent_dim, classes = generator.card["contract"]["latent_dim"], classes_of(generator)
         check_seed(seed_a, "seed_a")
         check_seed(seed_b, "seed_b")
         if not MIN_STEPS <= steps <= MAX_STEPS:
@@ -252,16 +327,28 @@ class Generator:
         scale = check_truncation(truncation)
         latents = interpolate_latents(seed_latent(seed_a, latent_dim) * scale, seed_latent(seed_b, latent_dim) * scale,
                               steps, method)
-        frames = await self._images(generator, latents)
+        ends = [check_labels(value, 1, classes, generator.name, field, default=[seed])
+                for value, field, seed in ((label_a, "label_a", seed_a), (label_b, "label_b", seed_b))]
+        weights = None
+        if classes is not None:  # the class weights walk in a straight line from one one-hot to the other
+            t = np.linspace(0.0, 1.0, steps, dtype=np.float32)[:, None]
+            eye = np.eye(len(classes), dtype=np.float32)
+            weights = (1 - t) * eye[ends[0][0]] + t * eye[ends[1][0]]
+        frames = await self._images(generator, model_inputs(latents, None, classes, weights))
         headers = {"x-seeds": f"{seed_a},{seed_b}"}
+        if classes is not None:
+            headers["x-labels"] = f"{ends[0][0]},{ends[1][0]}"
         if format == "png":
             body = await self._encode(lambda: png_bytes(image_grid(frames, min(steps, 16))))
             return self._binary(body, "image/png", generator, headers)
         if format == "gif":
             return self._binary(await self._encode(gif_bytes, frames), "image/gif", generator, headers)
         encoded = await self._encode(lambda: [base64.b64encode(png_bytes(f)).decode() for f in frames])
-        return {"frames": encoded, "seeds": [seed_a, seed_b], "steps": steps, "method": method,
-                "model": generator.name, "version": generator.version}
+        answer = {"frames": encoded, "seeds": [seed_a, seed_b], "steps": steps, "method": method,
+                  "model": generator.name, "version": generator.version}
+        if classes is not None:
+            answer["labels"] = [classes[ends[0][0]], classes[ends[1][0]]]
+        return answer
 
     @staticmethod
     def _binary(body: bytes, media_type: str, model: LoadedModel, headers: dict) -> Response:
@@ -270,4 +357,7 @@ class Generator:
                         headers={**headers, "x-model": model.name, "x-model-version": model.version})
 
 
+Generator.apis["generate"].input_spec.npy_answer = (
+    "with format json and Accept: application/x-npy, the images as .npy, uint8 [N, H, W] (grey) or [N, H, W, 3]; "
+    "seeds, labels, model and version in x-seeds, x-labels, x-model, x-model-version")
 add_http_layer(Generator, SERVICE)
