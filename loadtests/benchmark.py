@@ -99,12 +99,14 @@ def cpu_split() -> tuple[set[int], set[int]]:
     return set(cores[:half]), set(cores[half:]) or set(cores[:half])
 
 
-def raw_throughput(workload: Workload, server_cores: set[int], seconds: float, device: str = "cpu") -> dict[int, float]:
-    """Items per second in-process at each batch size, on the server's cores, one onnxruntime thread."""
+def raw_throughput(workload: Workload, server_cores: set[int], seconds: float, device: str = "cpu",
+                   method: str = "raw") -> dict[int, float]:
+    """Items per second in-process at each batch size, on the server's cores, one onnxruntime thread
+    (method: the workload's raw, or raw_model, the model alone, where it has one)."""
     code = (
         "import json, sys, os; from loadtests.workloads import WORKLOADS; "
         f"os.sched_setaffinity(0, {sorted(server_cores)}); "
-        f"print(json.dumps(WORKLOADS[{workload.name!r}].raw({BATCH_SIZES}, {seconds})))"
+        f"print(json.dumps(WORKLOADS[{workload.name!r}].{method}({BATCH_SIZES}, {seconds})))"
     )
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=600,
                             env={**os.environ, "BENCHMARK_DEVICE": device})
@@ -138,7 +140,8 @@ async def drive(url: str, workload: Workload, concurrency: int, seconds: float, 
 
 @contextlib.contextmanager
 def serving(target: str, name: str, server_cores: set[int], env: dict, logs: Path, label: str):
-    """A `bentoml serve` of target pinned to the server's cores; yields its URL."""
+    """A `bentoml serve` of target pinned to the server's cores; yields its URL (and keeps the
+    process in serving.process, for the flame graphs)."""
     port = launch.free_port()
     log = open(logs / f"server-{label}.log", "w")
     process = subprocess.Popen(["taskset", "-c", ",".join(map(str, sorted(server_cores))), sys.executable, "-m",
@@ -149,6 +152,7 @@ def serving(target: str, name: str, server_cores: set[int], env: dict, logs: Pat
     try:
         if not launch.wait_ready(url, process, 180):
             raise SystemExit(f"{target} did not become ready; see {log.name}")
+        serving.process = process
         yield url
     finally:
         launch.stop(process)
@@ -210,8 +214,8 @@ def against_floor(workload: Workload, server_cores: set[int], client_cores: set[
                 f"{name} {t.per_second:8.1f} req/s ({t.failures} failed)" for name, t in tallies.items())
                 + f"  served/floor {floor_runs[-1].ratio():.2f}", flush=True)
         form_runs = []
-        if hasattr(workload, "batch_requests"):  # the policy: JSON against .npy bodies
-            for batch in (1, 64):
+        if hasattr(workload, "batch_requests"):  # JSON against .npy (the policy's bodies, the generator's answers)
+            for batch in workload.form_batches:
                 wrks = {form: stack.enter_context(contextlib.closing(Wrk(workload.batch_requests(batch, form),
                                                                           client_cores))) for form in ("json", "npy")}
                 for connections in WRK_CONNECTIONS:
@@ -220,8 +224,8 @@ def against_floor(workload: Workload, server_cores: set[int], client_cores: set[
                         for form, form_wrk in wrks.items():
                             form_wrk.run(urls["served"], connections, slice_seconds, tallies[form])
                     form_runs.append(FormRun(connections, batch, tallies))
-                    print(f"  {workload.name:<10} /act {batch:>2} per request, {connections:>2} connections: " +
-                          "  ".join(f"{form} {t.per_second * batch:9.1f} observations/s ({t.failures} failed)"
+                    print(f"  {workload.name:<10} {batch:>2} per request, {connections:>2} connections: " +
+                          "  ".join(f"{form} {t.per_second * batch:9.1f} {workload.unit}/s ({t.failures} failed)"
                                     for form, t in tallies.items()), flush=True)
         return floor_runs, form_runs
 
@@ -307,7 +311,7 @@ def report(results: dict, command: str, server_cores: set[int], client_cores: se
              "| service | served / floor, 1 conn | served / floor, 64 conn | served / (floor + fixes), 1 | "
              "served / (floor + fixes), 64 | p99 / p50 at 64 clients | served / raw at saturation |",
              "|---|---:|---:|---:|---:|---:|---:|"]
-    for name, (workload, raw, runs, floor_runs, _) in results.items():
+    for name, (workload, raw, runs, floor_runs, _, _) in results.items():
         by = {f.connections: f for f in floor_runs}
         on64 = next(r for r in runs if r.batching and r.concurrency == 64)
         best = max(r.items_per_s for r in runs if r.batching)
@@ -315,7 +319,7 @@ def report(results: dict, command: str, server_cores: set[int], client_cores: se
                      f"{by[64].ratio('floor_fixed'):.2f} | {on64.percentile(99) / on64.percentile(50):.2f} | "
                      f"{best / max(raw.values()):.0%} |")
     lines += [""] + summary_targets(results) + [""]
-    for name, (workload, raw, runs, floor_runs, form_runs) in results.items():
+    for name, (workload, raw, runs, floor_runs, form_runs, raw_model) in results.items():
         best_raw = max(raw.values())
         on = {r.concurrency: r for r in runs if r.batching}
         off = {r.concurrency: r for r in runs if not r.batching}
@@ -332,13 +336,22 @@ def report(results: dict, command: str, server_cores: set[int], client_cores: se
                          f"{t['floor_fixed'].per_second:,.0f} | **{f.ratio():.2f}** | {f.ratio('floor_fixed'):.2f} | "
                          f"{sum(x.failures for x in t.values())} |")
         if form_runs:
-            lines += ["", "JSON against .npy (`Content-Type` and `Accept: application/x-npy`), observations/s:", "",
-                      "| observations per request | connections | JSON | .npy | .npy / JSON |",
-                      "|---:|---:|---:|---:|---:|"]
+            model_only = raw_model is not None
+            lines += ["", f"JSON against .npy ({workload.forms}), {workload.unit}/s" +
+                      (f"; raw generation: the model and uint8 conversion in-process, no encoding, "
+                       f"{workload.unit}/s by batch size: " + ", ".join(f"{b}: {v:,.0f}" for b, v in raw_model.items())
+                       if model_only else "") + ":", "",
+                      f"| {workload.unit} per request | connections | JSON | .npy | .npy / JSON |" +
+                      (" JSON / raw generation | .npy / raw generation |" if model_only else ""),
+                      "|---:|---:|---:|---:|---:|" + ("---:|---:|" if model_only else "")]
             for f in form_runs:
                 json_rate, npy_rate = (f.tallies[k].per_second * f.batch for k in ("json", "npy"))
-                lines.append(f"| {f.batch} | {f.connections} | {json_rate:,.0f} | {npy_rate:,.0f} | "
-                             f"{npy_rate / json_rate:.2f} |")
+                line = (f"| {f.batch} | {f.connections} | {json_rate:,.0f} | {npy_rate:,.0f} | "
+                        f"{npy_rate / json_rate:.2f} |")
+                if model_only:
+                    ceiling = raw_model[min(raw_model, key=lambda b: abs(b - f.batch))]
+                    line += f" {json_rate / ceiling:.0%} | **{npy_rate / ceiling:.0%}** |"
+                lines.append(line)
         lines += ["", "(c), (d) latency from the benchmark's client, batching on and off:", "",
                   f"| clients | batching | {workload.unit}/s | req/s | p50 ms | p95 ms | p99 ms | p99 / p50 | "
                   "failures |",
@@ -381,7 +394,7 @@ def summary_targets(results: dict) -> list[str]:
                          f"{'s' if connections > 1 else ''}: **{'met' if ratio >= target else 'missed'}** "
                          f"({ratio:.2f}).")
     tails = {name: next(r for r in runs if r.batching and r.concurrency == 64)
-             for name, (_, _, runs, _, _) in results.items()}
+             for name, (_, _, runs, _, _, _) in results.items()}
     worst = max(tails, key=lambda n: tails[n].percentile(99) / tails[n].percentile(50))
     ratio = tails[worst].percentile(99) / tails[worst].percentile(50)
     lines.append(f"- target: p99 <= 3 x p50 at 64 clients for every service: **{'met' if ratio <= 3 else 'missed'}** "
@@ -530,20 +543,22 @@ def main(argv=None) -> int:
         print(f"{name}: raw in-process on cores {sorted(server_cores)} ...", flush=True)
         raw = raw_throughput(workload, server_cores, args.raw_seconds, args.device)
         print("  " + ", ".join(f"batch {b}: {v:,.0f} {workload.unit}/s" for b, v in raw.items()), flush=True)
+        raw_model = (raw_throughput(workload, server_cores, args.raw_seconds, args.device, "raw_model")
+                     if hasattr(workload, "raw_model") else None)
         floor_runs, form_runs = against_floor(workload, server_cores, client_cores, args.slice_seconds, args.slices,
                                               plots, args.device)
         runs = (served(workload, server_cores, True, args.duration, plots, device=args.device)
                 + served(workload, server_cores, False, args.duration, plots, device=args.device))
         plot(name, workload, raw, runs, plots)
-        results[name] = (workload, raw, runs, floor_runs, form_runs)
+        results[name] = (workload, raw, runs, floor_runs, form_runs, raw_model)
     (plots / "results.json").write_text(json.dumps(
         {name: {"raw": raw, "served": [{**vars(r), "latencies_ms": None, "p50": r.percentile(50),
                                         "p95": r.percentile(95), "p99": r.percentile(99)} for r in runs],
                 "floor": [{"connections": f.connections, **{k: vars(t) for k, t in f.tallies.items()}}
                           for f in floor_runs],
                 "forms": [{"connections": f.connections, "batch": f.batch, **{k: vars(t) for k, t in f.tallies.items()}}
-                          for f in form_runs]}
-         for name, (_, raw, runs, floor_runs, form_runs) in results.items()}, indent=1))
+                          for f in form_runs], "raw_model": raw_model}
+         for name, (_, raw, runs, floor_runs, form_runs, raw_model) in results.items()}, indent=1))
     text = report(results, command, server_cores, client_cores, args.out, args.device)
     args.out.write_text(text)
     print(f"\nwrote {args.out}\n")

@@ -101,6 +101,9 @@ class PolicyWorkload(Workload):
         return [Request(path, "application/json", json.dumps(kwargs["json"]).encode())
                 for path, kwargs in map(self.request, range(256))]
 
+    form_batches = (1, 64)
+    forms = "`/act` with JSON bodies and answers, or `Content-Type` and `Accept: application/x-npy`"
+
     def batch_requests(self, batch: int, form: str) -> list[Request]:
         """/act with `batch` observations per request, as JSON or as .npy both ways (request and answer)."""
         from services.arrays import npy_bytes
@@ -166,16 +169,17 @@ class GeneratorWorkload(Workload):
                    "latent, `session.run`, uint8 conversion and PNG encoding of every image, in-process.")
 
     def raw(self, batch_sizes, seconds):
-        from services.generator import png_bytes, seed_latent, to_uint8
+        from services.generator import model_inputs, png_bytes, seed_latent, to_uint8
 
         entry, session = session_for("generator", "fashion")
-        latent_dim = int(entry.card["contract"]["latent_dim"])
+        contract = entry.card["contract"]
         input_name = session.get_inputs()[0].name
         out = {}
         for n in batch_sizes:
             def work():
-                latents = np.stack([seed_latent(s, latent_dim) for s in range(n)])
-                images = to_uint8(session.run(None, {input_name: latents})[0])
+                latents = np.stack([seed_latent(s, contract["latent_dim"]) for s in range(n)])
+                inputs = model_inputs(latents, np.arange(n) % 10, contract.get("classes"))
+                images = to_uint8(session.run(None, {input_name: inputs})[0])
                 return [png_bytes(image) for image in images]
             out[n] = n * timed(work, seconds)
         return out
@@ -187,6 +191,29 @@ class GeneratorWorkload(Workload):
         return self.per_request if len(answer.get("images", [])) == self.per_request else 0
 
     floor = "loadtests.floor:GeneratorFloor"
+    form_batches = (8, 64)
+    forms = "`/generate` answering JSON with base64 PNGs, or `Accept: application/x-npy`: uint8 [N, 28, 28]"
+
+    def raw_model(self, batch_sizes, seconds):
+        """The generation alone: seed to latent, session.run and uint8 conversion, no PNG."""
+        from services.generator import model_inputs, seed_latent, to_uint8
+
+        entry, session = session_for("generator", "fashion")
+        contract = entry.card["contract"]
+        input_name = session.get_inputs()[0].name
+        out = {}
+        for n in batch_sizes:
+            def work():
+                latents = np.stack([seed_latent(s, contract["latent_dim"]) for s in range(n)])
+                inputs = model_inputs(latents, np.arange(n) % 10, contract.get("classes"))
+                return to_uint8(session.run(None, {input_name: inputs})[0])
+            out[n] = n * timed(work, seconds)
+        return out
+
+    def batch_requests(self, batch: int, form: str) -> list[Request]:
+        accept = "application/x-npy" if form == "npy" else ""
+        return [Request("/generate", "application/json", json.dumps({"n": batch, "seed": k * batch}).encode(),
+                        accept=accept) for k in range(64)]
 
     def wrk_requests(self):
         return [Request(path, "application/json", json.dumps(kwargs["json"]).encode())
