@@ -171,7 +171,8 @@ def test_embed_answers_npy_when_asked(tmp_path):
 
 @pytest.mark.parametrize("accept, chosen", [
     (None, "application/json"), ("*/*", "application/json"), (NPY, NPY),
-    ("application/json;q=0.5, application/x-npy", NPY), ("application/x-npy;q=0.2, application/json", "application/json"),
+    ("application/json;q=0.5, application/x-npy", NPY),
+    ("application/x-npy;q=0.2, application/json", "application/json"),
     ("text/html, */*;q=0.8", "application/json"), ("application/*", "application/json"),
     ("application/x-npy, */*;q=0.1", NPY), ("application/json, application/x-npy", "application/json"),
 ])

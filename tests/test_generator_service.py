@@ -16,13 +16,20 @@ import requests
 from PIL import Image
 
 from conftest import MODELS, error_of, running_service
-from services.generator import MAX_SEED, png_bytes, seed_latent
+from services.generator import MAX_SEED, model_inputs, png_bytes, seed_latent
+from services.runtime import repository
 
 GENERATORS = MODELS / "generator"
-MODEL_DIR = GENERATORS / "fashion" / "1"
+MODEL_DIR = repository.resolve(GENERATORS, "fashion", kind="generator").path.parent  # the newest: the one served
 CARD = json.loads((MODEL_DIR / "model.json").read_text())
 Z = CARD["contract"]["latent_dim"]
 SIZE = CARD["contract"]["image_size"]
+CLASSES = CARD["contract"].get("classes")  # a class-conditional generator lists them
+
+
+def labels_of(seeds) -> dict:
+    """The label a conditional generator gives seed s by default (s mod classes), as a request field."""
+    return {"label": [s % len(CLASSES) for s in seeds]} if CLASSES else {}
 
 
 @pytest.fixture(scope="module")
@@ -46,9 +53,12 @@ def decode(b64_or_bytes) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(raw)))
 
 
-def offline(session, latents) -> np.ndarray:
-    """What the service must draw: the card's contract applied to the same ONNX file, in-process."""
-    images = session.run(None, {"latent": np.asarray(latents, np.float32)})[0]
+def offline(session, latents, seeds) -> np.ndarray:
+    """What the service must draw: the card's contract applied to the same ONNX file, in-process
+    (conditional models: each image's class is its seed mod the number of classes)."""
+    inputs = model_inputs(np.asarray(latents, np.float32), np.asarray(seeds) % len(CLASSES) if CLASSES else None,
+                          CLASSES)
+    images = session.run(None, {session.get_inputs()[0].name: inputs})[0]
     return np.clip(np.rint((images + 1) * 127.5), 0, 255).astype(np.uint8)[:, 0]  # greyscale HW
 
 
@@ -68,10 +78,10 @@ def test_info_shows_contract_limits_and_measured_quality(server):
 
 def test_seed_gives_the_contract_image_byte_for_byte(server, session):
     first = post(server, "/generate", {"n": 3, "seed": 10}).json()
-    assert first["seeds"] == [10, 11, 12] and (first["model"], first["version"]) == ("fashion", "1")
+    assert first["seeds"] == [10, 11, 12] and (first["model"], first["version"]) == ("fashion", MODEL_DIR.name)
     again = post(server, "/generate", {"n": 3, "seed": 10}).json()
     assert again["images"] == first["images"]  # identical PNG bytes
-    expected = offline(session, np.stack([seed_latent(s, Z) for s in (10, 11, 12)]))
+    expected = offline(session, np.stack([seed_latent(s, Z) for s in (10, 11, 12)]), [10, 11, 12])
     for image, want in zip(first["images"], expected):
         assert decode(image).shape == (SIZE, SIZE)
         np.testing.assert_array_equal(decode(image), want)
@@ -97,11 +107,11 @@ def test_seeds_wrap_at_the_top_of_the_range(server):
 
 def test_explicit_latents_and_truncation(server, session):
     latents = np.stack([seed_latent(5, Z), seed_latent(6, Z)])
-    body = post(server, "/generate", {"latents": latents.tolist()}).json()
+    body = post(server, "/generate", {"latents": latents.tolist(), **labels_of([5, 6])}).json()
     assert body["seeds"] == [None, None]
     assert body["images"] == post(server, "/generate", {"n": 2, "seed": 5}).json()["images"]
     half = post(server, "/generate", {"seed": 5, "truncation": 0.5}).json()
-    np.testing.assert_array_equal(decode(half["images"][0]), offline(session, latents[:1] * np.float32(0.5))[0])
+    np.testing.assert_array_equal(decode(half["images"][0]), offline(session, latents[:1] * np.float32(0.5), [5])[0])
     assert half["images"][0] != body["images"][0]
 
 
@@ -126,7 +136,8 @@ def test_interpolation_end_points_are_the_two_seeds_images(server, method):
     r = post(server, "/interpolate", {"seed_a": 21, "seed_b": 42, "steps": 7, "method": method})
     body = r.json()
     assert r.status_code == 200 and len(body["frames"]) == 7 and body["method"] == method
-    ends = post(server, "/generate", {"latents": [seed_latent(21, Z).tolist(), seed_latent(42, Z).tolist()]}).json()
+    ends = post(server, "/generate", {"latents": [seed_latent(21, Z).tolist(), seed_latent(42, Z).tolist()],
+                                      **labels_of([21, 42])}).json()
     assert body["frames"][0] == ends["images"][0] and body["frames"][-1] == ends["images"][1]
     frames = [decode(f).astype(int) for f in body["frames"]]
     assert all(np.abs(frames[i] - frames[i + 1]).mean() > 0 for i in range(6))  # it really moves
@@ -237,7 +248,7 @@ def test_concurrent_clients_get_their_own_images_and_share_batches(server, sessi
         assert answer.status_code == 200, answer.text
         body = answer.json()
         assert body["seeds"] == [job["seed"] + i for i in range(job["n"])]
-        want = offline(session, np.stack([seed_latent(s, Z) for s in body["seeds"]]))
+        want = offline(session, np.stack([seed_latent(s, Z) for s in body["seeds"]]), body["seeds"])
         for image, expected in zip(body["images"], want):
             np.testing.assert_array_equal(decode(image), expected)
     after = batch_metric(server)

@@ -45,7 +45,7 @@ DETECTOR_MIN_SCORE, DETECTOR_IOU = 0.5, 0.5
 # Contract fields a client depends on, by kind; a new version must keep them.
 CONTRACT_FIELDS = {
     "policy": ("observation_space", "action_space", "action_meanings"),
-    "generator": ("latent_dim", "image_size", "channels", "output_range", "seed_to_latent", "to_uint8"),
+    "generator": ("latent_dim", "classes", "image_size", "channels", "output_range", "seed_to_latent", "to_uint8"),
     "classifier": ("labels",),
 }
 
@@ -158,8 +158,13 @@ def probe_inputs(model, repository: Path) -> np.ndarray | None:
     contract = model.card.get("contract", {})
     if model.card.get("kind") == "generator":
         dim = int(contract["latent_dim"])
-        return np.stack([np.random.default_rng(s).standard_normal(dim).astype(np.float32)
-                         for s in GENERATOR_PROBE_SEEDS])
+        latents = np.stack([np.random.default_rng(s).standard_normal(dim).astype(np.float32)
+                            for s in GENERATOR_PROBE_SEEDS])
+        classes = contract.get("classes")
+        if classes:  # class-conditional: each seed's default class (seed mod classes), one-hot after the latent
+            latents = np.concatenate([latents, np.eye(len(classes), dtype=np.float32)[
+                np.asarray(GENERATOR_PROBE_SEEDS) % len(classes)]], axis=1)
+        return latents
     probes = load_probes(repository, model.name)
     if probes is None:
         return None
