@@ -3,6 +3,7 @@
   policy   train, evaluate and export an RL policy (training/policy.py)
   pixel-policy  clone the CartPole policy into a CNN that acts from camera frames (training/pixel_policy.py)
   gan      train, measure and export a DCGAN image generator (training/gan.py)
+  cgan     train, measure and export a class-conditional generator (training/cgan.py)
   play     drive a gymnasium environment with a served policy over HTTP (training/play.py)
   classifier  fine-tune, evaluate and export an image classifier (training/classifier.py)
   evidence    pretrained vs scratch at 10, 100 and all images per class (training/evidence.py)
@@ -13,7 +14,7 @@
 import importlib
 import sys
 
-COMMANDS = {"policy": "training.policy", "pixel-policy": "training.pixel_policy", "play": "training.play", "gan": "training.gan",
+COMMANDS = {"policy": "training.policy", "pixel-policy": "training.pixel_policy", "play": "training.play", "gan": "training.gan", "cgan": "training.cgan",
             "classifier": "training.classifier", "evidence": "training.evidence",
             "faces": "training.faces.export", "probes": "training.probes"}
 

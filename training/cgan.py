@@ -1,0 +1,512 @@
+"""Train a class-conditional GAN on Fashion-MNIST, measure it, export it to ONNX, write its card.
+
+    python -m training cgan --epochs 25 --seed 0                                      # models/generator/fashion/<next>
+    python -m training cgan --loss bce --epochs 3 --no-export --name ablation_bce    # an ablation run
+    python -m training cgan --epochs 25 --resume --ablation runs/cgan/ablation_*      # finished: measure, export
+
+Top to bottom:
+  1. train: a generator with class-conditional batch norm (its gains and biases a linear map
+     of the class weights) and nearest-neighbour upsampling; a projection discriminator
+     (Miyato & Koyama, 2018) with spectral normalisation; hinge loss; an exponential moving
+     average of the generator's weights for sampling. Each is a flag, so the ablation is
+     the same command. A progress bar per epoch, a grid per epoch (one row per class), a
+     checkpoint per epoch (--resume), loss and FID curves;
+  2. measure on the held-out test split: FID and KID with the project's fixed extractor
+     (training/gan_quality.py) for raw and averaged weights, floor and ceiling; class
+     fidelity: how often the shipped `fashion` classifier, through the service's own
+     preprocessing, names the requested class on 10,000 generated images, and the same
+     on the 10,000 real test images (the ceiling);
+  3. export [N, latent_dim + classes] -> image [N, 1, 28, 28] (the latent, then the class
+     weights: one-hot for a class, a mixture to morph between classes); parity with torch;
+  4. write models/generator/<name>/<version>/ with the card, samples and curves.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.utils import spectral_norm
+from tqdm import tqdm
+
+from training import cards, gan_quality
+from training.datasets import FASHION_CLASSES, load_fashion_mnist, to_tensor, to_uint8
+from training.gan import SEED_TO_LATENT, TO_UINT8, save_png, sample_grid, seed_latents
+
+CLASSES = len(FASHION_CLASSES)
+GRID_COLUMNS = 10  # seeds 0..9 in every row of the per-epoch grid
+
+
+class ConditionalBatchNorm(nn.Module):
+    """Batch norm whose scale and shift are a linear map of the class weights: a one-hot picks a
+    class's pair; a mixture of two classes mixes their pairs (class morphing)."""
+
+    def __init__(self, channels: int, classes: int):
+        super().__init__()
+        self.norm = nn.BatchNorm2d(channels, affine=False)
+        self.gain = nn.Linear(classes, channels, bias=False)
+        self.bias = nn.Linear(classes, channels, bias=False)
+        nn.init.zeros_(self.gain.weight)
+        nn.init.zeros_(self.bias.weight)
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        return self.norm(x) * (1 + self.gain(weights)[:, :, None, None]) + self.bias(weights)[:, :, None, None]
+
+
+class Generator(nn.Module):
+    """[latent, class weights] -> 7x7x(4w) -> 14x14x(2w) -> 28x28x(w) -> 28x28x1 in [-1, 1]."""
+
+    def __init__(self, nz: int, width: int, classes: int = CLASSES):
+        super().__init__()
+        self.nz, self.width = nz, width
+        self.project = nn.Linear(nz + classes, 4 * width * 7 * 7)
+        self.norm0 = ConditionalBatchNorm(4 * width, classes)
+        self.conv1 = nn.Conv2d(4 * width, 2 * width, 3, padding=1)
+        self.norm1 = ConditionalBatchNorm(2 * width, classes)
+        self.conv2 = nn.Conv2d(2 * width, width, 3, padding=1)
+        self.norm2 = ConditionalBatchNorm(width, classes)
+        self.out = nn.Conv2d(width, 1, 3, padding=1)
+
+    def forward(self, z: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        x = self.project(torch.cat([z, weights], 1)).unflatten(1, (4 * self.width, 7, 7))
+        x = F.relu(self.norm0(x, weights))
+        x = F.relu(self.norm1(self.conv1(F.interpolate(x, scale_factor=2.0, mode="nearest")), weights))
+        x = F.relu(self.norm2(self.conv2(F.interpolate(x, scale_factor=2.0, mode="nearest")), weights))
+        return torch.tanh(self.out(x))
+
+
+class Discriminator(nn.Module):
+    """image, class weights -> one score: a linear head on pooled features plus the projection
+    <embed(class), features> that asks "is this a real image OF THIS CLASS"."""
+
+    def __init__(self, width: int, classes: int = CLASSES, normalise: bool = True, projection: bool = True):
+        super().__init__()
+        sn = spectral_norm if normalise else (lambda m: m)
+        self.layers = nn.ModuleList([
+            sn(nn.Conv2d(1, width, 3, 1, 1)), sn(nn.Conv2d(width, 2 * width, 4, 2, 1)),            # 14x14
+            sn(nn.Conv2d(2 * width, 2 * width, 3, 1, 1)), sn(nn.Conv2d(2 * width, 4 * width, 4, 2, 1)),  # 7x7
+            sn(nn.Conv2d(4 * width, 4 * width, 3, 1, 1))])
+        self.head = sn(nn.Linear(4 * width, 1))
+        self.embed = sn(nn.Linear(classes, 4 * width, bias=False)) if projection else None
+        self.concat = None if projection else sn(nn.Linear(classes, 28 * 28))  # the label as an extra input plane
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        if self.concat is not None:
+            x = x + self.concat(weights).view(-1, 1, 28, 28)
+        for layer in self.layers:
+            x = F.leaky_relu(layer(x), 0.1)
+        features = x.sum(dim=(2, 3))
+        score = self.head(features).view(-1)
+        if self.embed is not None:
+            score = score + (self.embed(weights) * features).sum(1)
+        return score
+
+
+class Exported(nn.Module):
+    """What is exported: [N, nz + classes] -> image [N, 1, 28, 28] (one input: the runtime's batcher merges rows)."""
+
+    def __init__(self, generator: Generator):
+        super().__init__()
+        self.generator = generator
+
+    def forward(self, latent_and_class: torch.Tensor) -> torch.Tensor:
+        nz = self.generator.nz
+        return self.generator(latent_and_class[:, :nz], latent_and_class[:, nz:])
+
+
+def one_hot(labels, classes: int = CLASSES) -> torch.Tensor:
+    return F.one_hot(torch.as_tensor(labels, dtype=torch.long), classes).float()
+
+
+def discriminator_loss(kind: str, real_scores: torch.Tensor, fake_scores: torch.Tensor) -> torch.Tensor:
+    if kind == "hinge":
+        return F.relu(1 - real_scores).mean() + F.relu(1 + fake_scores).mean()
+    return (F.binary_cross_entropy_with_logits(real_scores, torch.ones_like(real_scores))
+            + F.binary_cross_entropy_with_logits(fake_scores, torch.zeros_like(fake_scores)))
+
+
+def generator_loss(kind: str, fake_scores: torch.Tensor) -> torch.Tensor:
+    """Hinge's generator loss, or the non-saturating BCE one."""
+    if kind == "hinge":
+        return -fake_scores.mean()
+    return F.binary_cross_entropy_with_logits(fake_scores, torch.ones_like(fake_scores))
+
+
+@torch.no_grad()
+def generate(net_g: Generator, latents, labels, batch: int = 500) -> torch.Tensor:
+    net_g.eval()
+    latents, weights = torch.as_tensor(latents, dtype=torch.float32), one_hot(labels)
+    return torch.cat([net_g(latents[i:i + batch], weights[i:i + batch]) for i in range(0, len(latents), batch)])
+
+
+def grid_inputs(nz: int) -> tuple[np.ndarray, np.ndarray]:
+    """One row per class, seeds 0..9 across: the same latents in every row."""
+    latents = seed_latents(range(GRID_COLUMNS), nz)
+    return np.tile(latents, (CLASSES, 1)), np.repeat(np.arange(CLASSES), GRID_COLUMNS)
+
+
+def save_grid(net_g: Generator, nz: int, path: Path) -> None:
+    latents, labels = grid_inputs(nz)
+    save_png(sample_grid(to_uint8(generate(net_g, latents, labels)), columns=GRID_COLUMNS, scale=2), path)
+
+
+class Judge:
+    """The shipped `fashion` classifier, through the service's own preprocessing (services/imaging.py):
+    what the served /classify would answer for each image sent as a PNG."""
+
+    def __init__(self, models_dir: Path = Path("models/classifier")):
+        import onnxruntime as ort
+
+        from services.runtime import repository
+
+        self.entry = repository.resolve(models_dir, "fashion", kind="classifier")
+        self.pre = self.entry.card["contract"]["preprocessing"]
+        options = ort.SessionOptions()
+        self.session = ort.InferenceSession(str(self.entry.path), options, providers=["CPUExecutionProvider"])
+
+    def probabilities(self, images: np.ndarray, batch: int = 250) -> np.ndarray:
+        """uint8 [N, 28, 28, 1] -> softmax [N, classes]."""
+        from PIL import Image
+
+        from services import imaging
+
+        out = []
+        for i in range(0, len(images), batch):
+            pixels = np.stack([imaging.prepare(Image.fromarray(im[..., 0]), **imaging.contract_args(self.pre))
+                               for im in images[i:i + batch]])
+            logits = self.session.run(["logits"], {"image": imaging.normalise(pixels, self.pre["mean"],
+                                                                             self.pre["std"])})[0]
+            e = np.exp(logits - logits.max(1, keepdims=True))
+            out.append(e / e.sum(1, keepdims=True))
+        return np.concatenate(out)
+
+    def fidelity(self, images: np.ndarray, labels: np.ndarray) -> dict:
+        p = self.probabilities(images)
+        agree = p.argmax(1) == labels
+        return {"agreement": float(agree.mean()), "confident_share": float((p.max(1) >= gan_quality.CONFIDENT).mean()),
+                "mean_top1_confidence": float(p.max(1).mean()),
+                "per_class_agreement": {FASHION_CLASSES[c]: float(agree[labels == c].mean()) for c in range(CLASSES)},
+                "images": int(len(images))}
+
+
+def fid_now(net_g: Generator, extractor, held_features: np.ndarray, nz: int, n: int, seed: int) -> float:
+    rng = np.random.default_rng(seed)
+    features, _ = gan_quality.embed(extractor, generate(net_g, rng.standard_normal((n, nz)).astype(np.float32),
+                                                        np.arange(n) % CLASSES))
+    return gan_quality.fid(features, held_features)
+
+
+def plot_curves(history: list[dict], epochs: list[dict], per_epoch: int, out: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 6))
+    window = max(1, min(100, len(history) // 20))
+    for key, label in (("loss_d", "discriminator"), ("loss_g", "generator")):
+        values = np.convolve([h[key] for h in history], np.ones(window) / window, mode="valid")
+        top.plot(np.arange(window, len(history) + 1) / per_epoch, values, label=f"{label} loss (mean of {window})")
+    top.set(xlabel="epoch", ylabel="loss", title="class-conditional GAN on Fashion-MNIST")
+    for key, label in (("fid", "raw weights"), ("fid_ema", "moving average")):
+        if any(e.get(key) is not None for e in epochs):
+            bottom.plot([e["epoch"] for e in epochs], [e.get(key) for e in epochs], "o-", label=f"FID, {label}")
+    bottom.set(xlabel="epoch", ylabel="FID (2,000 images)", yscale="log")
+    for ax in (top, bottom):
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+
+
+def export_onnx(net_g: Generator, path: Path) -> None:
+    module = Exported(copy.deepcopy(net_g)).eval()
+    torch.onnx.export(module, (torch.zeros(2, net_g.nz + CLASSES),), str(path), input_names=["latent_and_class"],
+                      output_names=["image"], dynamic_axes={"latent_and_class": {0: "batch"}, "image": {0: "batch"}},
+                      opset_version=17, dynamo=False)
+
+
+def check_parity(net_g: Generator, path: Path, seed: int, count: int = 1000) -> dict:
+    import onnx
+    import onnxruntime as ort
+
+    onnx.checker.check_model(str(path), full_check=True)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(seed + 2)
+    latents = rng.standard_normal((count, net_g.nz)).astype(np.float32)
+    labels = np.arange(count) % CLASSES
+    inputs = np.concatenate([latents, one_hot(labels).numpy()], 1)
+    onnx_out = np.concatenate([session.run(None, {"latent_and_class": inputs[i:i + 100]})[0]
+                               for i in range(0, count, 100)])
+    diff = float(np.abs(onnx_out - generate(net_g, latents, labels).numpy()).max())
+    single = np.concatenate([session.run(None, {"latent_and_class": inputs[i:i + 1]})[0] for i in range(64)])
+    whole = session.run(None, {"latent_and_class": inputs[:64]})[0]
+    report = {"inputs": count, "max_abs_diff": diff, "tolerance": 1e-4,
+              "max_abs_diff_batch_of_1_vs_64": float(np.abs(single - whole).max()),
+              "uint8_identical_batch_of_1_vs_64": bool(np.array_equal(to_uint8(single), to_uint8(whole))),
+              "onnx_checker": "passed (full_check)", "passed": diff <= 1e-4}
+    if not report["passed"]:
+        raise SystemExit(f"ONNX parity failed: {report}")
+    return report
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m training cgan", description=__doc__.split("\n")[0])
+    p.add_argument("--name", default="fashion", help="model name in the repository (fashion: a new version of it)")
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr-g", type=float, default=1e-4)
+    p.add_argument("--lr-d", type=float, default=4e-4, help="4x the generator's (TTUR, as SAGAN)")
+    p.add_argument("--beta1", type=float, default=0.0)
+    p.add_argument("--beta2", type=float, default=0.9)
+    p.add_argument("--nz", type=int, default=100, help="latent size")
+    p.add_argument("--width", type=int, default=32, help="base channel width of both networks")
+    p.add_argument("--loss", choices=["hinge", "bce"], default="hinge")
+    p.add_argument("--no-spectral-norm", dest="spectral_norm", action="store_false")
+    p.add_argument("--no-projection", dest="projection", action="store_false",
+                   help="condition the discriminator by an extra input plane instead of the projection")
+    p.add_argument("--ema-decay", type=float, default=0.999, help="0: sample from the raw weights")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--limit", type=int, help="use only the first N training images (smoke tests)")
+    p.add_argument("--fid-samples", type=int, default=10_000, help="generated and real images for the final FID/KID")
+    p.add_argument("--epoch-fid-samples", type=int, default=2_000, help="images for the per-epoch FID curve")
+    p.add_argument("--kid-subset", type=int, default=1000)
+    p.add_argument("--run-dir", type=Path, help="checkpoints, grids, summary (default: runs/cgan/<name>)")
+    p.add_argument("--resume", action="store_true", help="continue from the run directory's checkpoint")
+    p.add_argument("--no-export", dest="export", action="store_false", help="measure only (ablation runs)")
+    p.add_argument("--ablation", type=Path, nargs="*", default=[],
+                   help="run directories of ablation runs whose summaries go into the card")
+    p.add_argument("--models-dir", type=Path, default=Path("models/generator"))
+    p.add_argument("--classifier-dir", type=Path, default=Path("models/classifier"),
+                   help="where the shipped fashion classifier (the class-fidelity judge) is")
+    p.add_argument("--version", type=int)
+    p.add_argument("--max-fid", type=float, help="fail (and write no model) above this FID")
+    args = p.parse_args(argv)
+    args.run_dir = args.run_dir or Path("runs/cgan") / args.name
+    return args
+
+
+HYPERPARAMETERS = ("batch_size", "lr_g", "lr_d", "beta1", "beta2", "nz", "width", "loss", "spectral_norm",
+                   "projection", "ema_decay")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    command = "python -m training cgan " + shlex.join(sys.argv[2:] if argv is None else argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    train_images, train_labels = load_fashion_mnist("train")
+    held_images, held_labels = load_fashion_mnist("test")
+    if args.limit:
+        train_images, train_labels = train_images[:args.limit], train_labels[:args.limit]
+    x, y = to_tensor(train_images), torch.as_tensor(train_labels, dtype=torch.long)
+    net_g, net_d = Generator(args.nz, args.width), Discriminator(args.width, normalise=args.spectral_norm,
+                                                                 projection=args.projection)
+    untrained = copy.deepcopy(net_g)
+    ema = copy.deepcopy(net_g)
+    opt_g = torch.optim.Adam(net_g.parameters(), lr=args.lr_g, betas=(args.beta1, args.beta2))
+    opt_d = torch.optim.Adam(net_d.parameters(), lr=args.lr_d, betas=(args.beta1, args.beta2))
+    shuffle = torch.Generator().manual_seed(args.seed)
+    extractor = gan_quality.load_extractor()
+    held_features, _ = gan_quality.embed(extractor, to_tensor(held_images[:args.epoch_fid_samples]))
+    history, epoch_lines, start_epoch, trained_seconds, resumed = [], [], 1, 0.0, []
+
+    checkpoint_path = args.run_dir / "checkpoint.pt"
+    (args.run_dir / "samples").mkdir(parents=True, exist_ok=True)
+    if args.resume:
+        if not checkpoint_path.exists():
+            raise SystemExit(f"--resume: no checkpoint at {checkpoint_path}")
+        state = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
+        if {k: state["args"][k] for k in HYPERPARAMETERS} != {k: vars(args)[k] for k in HYPERPARAMETERS}:
+            raise SystemExit(f"--resume: {checkpoint_path} was trained with other settings: {state['args']}")
+        for module, key in ((net_g, "g"), (net_d, "d"), (ema, "ema"), (untrained, "untrained"),
+                            (opt_g, "opt_g"), (opt_d, "opt_d")):
+            module.load_state_dict(state[key])
+        shuffle.set_state(state["shuffle"])
+        torch.set_rng_state(state["torch_rng"])
+        history, epoch_lines, trained_seconds = state["history"], state["epochs"], state["duration_s"]
+        start_epoch, resumed = state["epoch"] + 1, state.get("resumed", []) + [state["epoch"]]
+        print(f"resumed from {checkpoint_path} after epoch {state['epoch']}")
+
+    per_epoch = math.ceil(len(x) / args.batch_size)
+    print(f"training a class-conditional GAN on {len(x):,} images, epochs {start_epoch}..{args.epochs}, "
+          f"{per_epoch} iterations each: loss {args.loss}, spectral norm {args.spectral_norm}, "
+          f"projection {args.projection}, EMA {args.ema_decay}, seed {args.seed}", flush=True)
+    step = len(history)
+    for epoch in range(start_epoch, args.epochs + 1):
+        started = time.time()
+        net_g.train()
+        net_d.train()
+        order = torch.randperm(len(x), generator=shuffle)
+        bar = tqdm(range(0, len(x), args.batch_size), desc=f"epoch {epoch}/{args.epochs}", leave=False)
+        for start in bar:
+            index = order[start:start + args.batch_size]
+            real, real_w = x[index], one_hot(y[index])
+            b = len(real)
+            fake_w = one_hot(torch.randint(0, CLASSES, (b,)))
+            fake = net_g(torch.randn(b, args.nz), fake_w)
+            # (1) the discriminator on real images of their class and generated ones of theirs
+            loss_d = discriminator_loss(args.loss, net_d(real, real_w), net_d(fake.detach(), fake_w))
+            opt_d.zero_grad(set_to_none=True)
+            loss_d.backward()
+            opt_d.step()
+            # (2) the generator, judged by the updated discriminator
+            loss_g = generator_loss(args.loss, net_d(fake, fake_w))
+            opt_g.zero_grad(set_to_none=True)
+            loss_g.backward()
+            opt_g.step()
+            step += 1
+            decay = min(args.ema_decay, (1 + step) / (10 + step))  # a short warm-up, as in most EMA recipes
+            with torch.no_grad():
+                for average, current in zip(ema.parameters(), net_g.parameters()):
+                    average.lerp_(current, 1 - decay)
+                for average, current in zip(ema.buffers(), net_g.buffers()):
+                    average.copy_(current)  # batch-norm statistics: the current ones
+            history.append({"loss_d": loss_d.item(), "loss_g": loss_g.item()})
+            bar.set_postfix(loss_d=f"{loss_d.item():.3f}", loss_g=f"{loss_g.item():.3f}")
+        seconds = time.time() - started
+        trained_seconds += seconds
+        last = history[-per_epoch:]
+        line = {"epoch": epoch, "loss_d": float(np.mean([h["loss_d"] for h in last])),
+                "loss_g": float(np.mean([h["loss_g"] for h in last])), "seconds": round(seconds, 1),
+                "fid": fid_now(net_g, extractor, held_features, args.nz, args.epoch_fid_samples, args.seed + 7),
+                "fid_ema": fid_now(ema, extractor, held_features, args.nz, args.epoch_fid_samples, args.seed + 7)
+                if args.ema_decay > 0 else None}
+        epoch_lines.append(line)
+        print(f"epoch {epoch}/{args.epochs}: loss D {line['loss_d']:.3f}  loss G {line['loss_g']:.3f}  "
+              f"FID {line['fid']:.2f}" + (f"  FID (EMA) {line['fid_ema']:.2f}" if line["fid_ema"] else "")
+              + f"  ({seconds:.0f}s)", flush=True)
+        save_grid(ema if args.ema_decay > 0 else net_g, args.nz, args.run_dir / "samples" / f"epoch_{epoch:03d}.png")
+        plot_curves(history, epoch_lines, per_epoch, args.run_dir / "curves.png")
+        torch.save({"g": net_g.state_dict(), "d": net_d.state_dict(), "ema": ema.state_dict(),
+                    "untrained": untrained.state_dict(), "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(),
+                    "shuffle": shuffle.get_state(), "torch_rng": torch.get_rng_state(), "epoch": epoch,
+                    "history": history, "epochs": epoch_lines, "duration_s": trained_seconds, "resumed": resumed,
+                    "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}},
+                   checkpoint_path.with_suffix(".tmp"))
+        checkpoint_path.with_suffix(".tmp").replace(checkpoint_path)
+    if not epoch_lines:
+        raise SystemExit("nothing trained: --epochs is not above the checkpoint's epoch")
+    if start_epoch > args.epochs:
+        print(f"the checkpoint has all {args.epochs} epochs: measuring and exporting it", flush=True)
+
+    # 2. Measure the sampling weights (the moving average unless --ema-decay 0), raw ones beside them.
+    sampler = ema if args.ema_decay > 0 else net_g
+    print(f"measuring: FID/KID and class fidelity on {args.fid_samples:,} generated images ...", flush=True)
+    metrics = measure(sampler, net_g, untrained, train_images, held_images, held_labels, args)
+    print(f"FID {metrics['fid']:.2f} (raw weights {metrics['fid_raw_weights']:.2f}, floor "
+          f"{metrics['floor']['fid']:.2f}, ceiling {metrics['ceiling']['fid']:.2f})  class fidelity "
+          f"{metrics['class_fidelity']['agreement']:.3f} (real test images "
+          f"{metrics['class_fidelity_real']['agreement']:.3f})  confident "
+          f"{metrics['class_fidelity']['confident_share']:.2f}", flush=True)
+    summary = {"command": command, "hyperparameters": {k: vars(args)[k] for k in HYPERPARAMETERS},
+               "epochs": args.epochs, "duration_s": round(trained_seconds, 1), "fid": metrics["fid"],
+               "fid_raw_weights": metrics["fid_raw_weights"], "kid": metrics["kid"],
+               "class_fidelity": metrics["class_fidelity"]["agreement"],
+               "confident_share": metrics["class_fidelity"]["confident_share"], "per_epoch": epoch_lines}
+    (args.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    if args.max_fid is not None and metrics["fid"] > args.max_fid:
+        raise SystemExit(f"FID {metrics['fid']:.2f} is above --max-fid {args.max_fid}")
+    if not args.export:
+        print(f"wrote {args.run_dir / 'summary.json'} (--no-export: no model written)")
+        return args.run_dir
+
+    # 3. Export and check.
+    out = cards.new_version_dir(args.models_dir, args.name, args.version)
+    onnx_path = out / "model.onnx"
+    export_onnx(sampler, onnx_path)
+    parity = check_parity(sampler, onnx_path, args.seed)
+    print(f"export: {onnx_path} ({onnx_path.stat().st_size:,} bytes) parity {parity}")
+    save_grid(sampler, args.nz, out / "samples.png")
+    plot_curves(history, epoch_lines, per_epoch, out / "curves.png")
+
+    # 4. The model card.
+    ablation = [json.loads((Path(d) / "summary.json").read_text()) for d in args.ablation]
+    card = {
+        "name": args.name, "version": out.name, "kind": "generator",
+        "description": f"class-conditional GAN: a {args.nz}-d latent and one of {CLASSES} Fashion-MNIST classes to "
+                       "a 28x28 greyscale image",
+        "training": {
+            "data": f"Fashion-MNIST train split ({len(x):,} images with their labels; Debian package "
+                    "dataset-fashion-mnist), held out: its test split",
+            "classes": FASHION_CLASSES, "command": command, "seed": args.seed, "epochs": args.epochs,
+            "iterations": len(history), "device": "cpu", "threads": args.threads,
+            "hyperparameters": {**{k: vars(args)[k] for k in HYPERPARAMETERS},
+                                "generator": "linear to 7x7, two nearest-neighbour upsampling + 3x3 conv blocks, "
+                                             "class-conditional batch norm, tanh",
+                                "discriminator": "5 conv layers, global sum pooling, linear head"
+                                                 + (" + class projection" if args.projection else
+                                                    " (label as an extra input plane)")
+                                                 + (", spectral norm on every layer" if args.spectral_norm else ""),
+                                "generator_parameters": sum(p.numel() for p in net_g.parameters()),
+                                "discriminator_parameters": sum(p.numel() for p in net_d.parameters())},
+            "duration_s": round(trained_seconds, 1), "resumed_after_epochs": resumed, "per_epoch": epoch_lines,
+            "samples": f"samples.png: one row per class ({', '.join(FASHION_CLASSES)}), seeds 0..9 across",
+            "curves": "curves.png: losses and the per-epoch FID",
+            "ablation": ablation,
+        },
+        "metrics": metrics,
+        "export": {"opset": 17, "parity": parity},
+        "contract": {
+            "inputs": [{"name": "latent_and_class", "dtype": "float32", "shape": ["N", args.nz + CLASSES],
+                        "meaning": f"the latent ({args.nz}), then the class weights ({CLASSES}): one-hot for a "
+                                   "class, a mixture of two to morph between them"}],
+            "outputs": [{"name": "image", "dtype": "float32", "shape": ["N", 1, 28, 28],
+                         "meaning": "images, channels first, in [-1, 1] (tanh)"}],
+            "latent_dim": args.nz, "classes": FASHION_CLASSES, "image_size": 28, "channels": 1,
+            "output_range": [-1.0, 1.0], "seed_to_latent": SEED_TO_LATENT,
+            "latent_distribution": "standard normal, independent components",
+            "to_uint8": TO_UINT8 + " (then transpose to [N, H, W, C])",
+        },
+    }
+    cards.write_card(out, card, extra_packages=["torch", "onnx"])
+    print(f"wrote {out}: FID {metrics['fid']:.2f}, class fidelity {metrics['class_fidelity']['agreement']:.3f}")
+    return out
+
+
+def measure(sampler: Generator, raw: Generator, untrained: Generator, train_images, held_images, held_labels,
+            args) -> dict:
+    extractor = gan_quality.load_extractor()
+    n = args.fid_samples
+    rng = np.random.default_rng(args.seed + 1)
+    latents = rng.standard_normal((n, args.nz)).astype(np.float32)
+    labels = np.arange(n) % CLASSES  # every class equally often
+    generated = generate(sampler, latents, labels)
+    f_held, p_held = gan_quality.embed(extractor, to_tensor(held_images[:n]))
+    f_train, _ = gan_quality.embed(extractor, to_tensor(train_images[rng.choice(len(train_images), min(
+        n, len(train_images)), replace=False)]))
+    f_gen, p_gen = gan_quality.embed(extractor, generated)
+    f_raw, _ = gan_quality.embed(extractor, generate(raw, latents, labels))
+    f_init, _ = gan_quality.embed(extractor, generate(untrained, latents, labels))
+    gen = gan_quality.compare(f_gen, f_held, args.kid_subset)
+    judge = Judge(args.classifier_dir)
+    return {
+        "fid": gen["fid"], "kid": gen["kid"], "kid_std": gen["kid_std"],
+        "fid_raw_weights": gan_quality.fid(f_raw, f_held),
+        "samples": {"generated": int(n), "held_out_real": int(len(f_held)), "labels": "0..9 in turn"},
+        "floor": {**gan_quality.compare(f_train, f_held, args.kid_subset),
+                  "what": "real vs real: training images vs the held-out images, same sample sizes"},
+        "ceiling": {**gan_quality.compare(f_init, f_held, args.kid_subset),
+                    "what": "the untrained generator (its initial weights, same seed) vs held-out images"},
+        "class_histogram": gan_quality.class_histogram(p_gen, FASHION_CLASSES),
+        "class_histogram_held_out_real": gan_quality.class_histogram(p_held, FASHION_CLASSES),
+        "class_fidelity": {**judge.fidelity(to_uint8(generated), labels),
+                           "judge": f"the shipped classifier fashion v{judge.entry.version} through "
+                                    "services/imaging.py (what /classify answers for these images as PNGs)"},
+        "class_fidelity_real": {**judge.fidelity(held_images[:n], np.asarray(held_labels[:n])),
+                                "what": "the same judge on real test images with their true labels: the ceiling"},
+        "latents": f"numpy default_rng({args.seed + 1}).standard_normal(({n}, {args.nz})), labels i % 10",
+        "kid_subsets": f"100 random subsets of {min(args.kid_subset, n)}, cubic polynomial kernel",
+        "feature_extractor": gan_quality.extractor_info(),
+    }
