@@ -168,7 +168,8 @@ class GeneratorWorkload(Workload):
     description = ("`POST /generate` with n=8 and a fresh seed per request, JSON with base64 PNGs; raw: seed to "
                    "latent, `session.run`, uint8 conversion and PNG encoding of every image, in-process.")
 
-    def raw(self, batch_sizes, seconds):
+    def raw(self, batch_sizes, seconds, encode: bool = True):
+        """Seed to latent, session.run, uint8 conversion and (encode) PNG encoding, in-process."""
         from services.generator import model_inputs, png_bytes, seed_latent, to_uint8
 
         entry, session = session_for("generator", "fashion")
@@ -180,7 +181,7 @@ class GeneratorWorkload(Workload):
                 latents = np.stack([seed_latent(s, contract["latent_dim"]) for s in range(n)])
                 inputs = model_inputs(latents, np.arange(n) % 10, contract.get("classes"))
                 images = to_uint8(session.run(None, {input_name: inputs})[0])
-                return [png_bytes(image) for image in images]
+                return [png_bytes(image) for image in images] if encode else images
             out[n] = n * timed(work, seconds)
         return out
 
@@ -195,20 +196,8 @@ class GeneratorWorkload(Workload):
     forms = "`/generate` answering JSON with base64 PNGs, or `Accept: application/x-npy`: uint8 [N, 28, 28]"
 
     def raw_model(self, batch_sizes, seconds):
-        """The generation alone: seed to latent, session.run and uint8 conversion, no PNG."""
-        from services.generator import model_inputs, seed_latent, to_uint8
-
-        entry, session = session_for("generator", "fashion")
-        contract = entry.card["contract"]
-        input_name = session.get_inputs()[0].name
-        out = {}
-        for n in batch_sizes:
-            def work():
-                latents = np.stack([seed_latent(s, contract["latent_dim"]) for s in range(n)])
-                inputs = model_inputs(latents, np.arange(n) % 10, contract.get("classes"))
-                return to_uint8(session.run(None, {input_name: inputs})[0])
-            out[n] = n * timed(work, seconds)
-        return out
+        """The generation alone, no PNG: what the .npy answer is measured against."""
+        return self.raw(batch_sizes, seconds, encode=False)
 
     def batch_requests(self, batch: int, form: str) -> list[Request]:
         accept = "application/x-npy" if form == "npy" else ""

@@ -41,7 +41,7 @@ from tqdm import tqdm
 
 from training import cards, gan_quality
 from training.datasets import FASHION_CLASSES, load_fashion_mnist, to_tensor, to_uint8
-from training.gan import SEED_TO_LATENT, TO_UINT8, save_png, sample_grid, seed_latents
+from training.gan import SEED_TO_LATENT, TO_UINT8, parity_report, save_png, sample_grid, seed_latents
 
 CLASSES = len(FASHION_CLASSES)
 GRID_COLUMNS = 10  # seeds 0..9 in every row of the per-epoch grid
@@ -251,13 +251,7 @@ def check_parity(net_g: Generator, path: Path, seed: int, count: int = 1000) -> 
     diff = float(np.abs(onnx_out - generate(net_g, latents, labels).numpy()).max())
     single = np.concatenate([session.run(None, {"latent_and_class": inputs[i:i + 1]})[0] for i in range(64)])
     whole = session.run(None, {"latent_and_class": inputs[:64]})[0]
-    report = {"inputs": count, "max_abs_diff": diff, "tolerance": 1e-4,
-              "max_abs_diff_batch_of_1_vs_64": float(np.abs(single - whole).max()),
-              "uint8_identical_batch_of_1_vs_64": bool(np.array_equal(to_uint8(single), to_uint8(whole))),
-              "onnx_checker": "passed (full_check)", "passed": diff <= 1e-4}
-    if not report["passed"]:
-        raise SystemExit(f"ONNX parity failed: {report}")
-    return report
+    return parity_report({"inputs": count}, diff, single, whole)
 
 
 def parse_args(argv=None):

@@ -242,8 +242,14 @@ def check_parity(net_g: Generator, path: Path, nz: int, seed: int, count: int = 
     # The service merges requests into batches of any size: a row's image must not depend on them.
     single = np.concatenate([session.run(None, {"latent": latents[i:i + 1]})[0] for i in range(GRID_SEEDS)])
     whole = session.run(None, {"latent": latents[:GRID_SEEDS]})[0]
+    return parity_report({"latents": count}, diff, single, whole)
+
+
+def parity_report(inputs: dict, diff: float, single: np.ndarray, whole: np.ndarray) -> dict:
+    """The card's parity record: ONNX vs torch within 1e-4, and 64 rows run one by one vs as one
+    batch (the service merges requests into batches of any size); SystemExit when it fails."""
     report = {
-        "latents": count,
+        **inputs,
         "max_abs_diff": diff,
         "tolerance": 1e-4,
         "batch_sizes_checked": [1, 64, 100],
