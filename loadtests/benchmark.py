@@ -368,6 +368,11 @@ def report(results: dict, command: str, server_cores: set[int], client_cores: se
         lines += target_lines(name, workload, raw, on, off)
         lines += [f"![{name} throughput](benchmarks/{name}_throughput.png) "
                   f"![{name} latency](benchmarks/{name}_latency.png)", ""]
+    if device == "cpu":
+        lines += ["## GPU", "",
+                  "Not measured: this machine has no GPU (nor has CI). On a machine with one, the same tables with "
+                  "the CUDA execution provider: `make benchmark BENCHMARK_ARGS=\"--device cuda --out "
+                  "BENCHMARKS-gpu.md\"`. onnxruntime I/O binding is not used: it has not been measured.", ""]
     lines += ["## Elsewhere", "",
               "- [benchmarks/store.md](benchmarks/store.md): the classifier's taught-examples store, check and teach "
               "times at 1e3 to 1e5 examples per back-end (`python -m loadtests.store_benchmark`).",
