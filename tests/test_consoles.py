@@ -77,6 +77,19 @@ def test_the_generator_console_shows_different_images_for_two_seeds(browser, tmp
                                                                   "format": "gif"}, timeout=30).content
         assert saved.read_bytes()[:6] == b"GIF89a" and saved.read_bytes() == served
 
+        # A class-conditional generator: the class select asks /generate for that class.
+        classes = requests.get(f"{server.url}/info", timeout=30).json()["generators"]["fashion"].get("classes")
+        if classes:
+            from selenium.webdriver.support.ui import Select
+
+            Select(browser.find_element("id", "label")).select_by_visible_text("Sneaker")
+            wait_for(browser, lambda d: "Sneaker" in d.find_element("css selector", "#grid figcaption").text,
+                     what="the grid of sneakers")
+            sneakers = browser.execute_script(grid)
+            answer = requests.post(f"{server.url}/generate", json={"n": 1, "seed": 7, "label": "Sneaker"},
+                                   timeout=30).json()
+            assert sneakers[0] == "data:image/png;base64," + answer["images"][0] and sneakers[0] != second[0]
+
 
 def test_the_classifier_console_classifies_teaches_and_names(browser, tmp_path):
     from classifier_helpers import encode, fashion_images

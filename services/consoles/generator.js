@@ -1,4 +1,5 @@
-// Generator console: a grid by seed, a seed slider, an animation between two seeds, downloads.
+// Generator console: a grid by seed (and class), a seed slider, an animation between two seeds
+// or two classes, downloads.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -9,26 +10,43 @@ function options() {
   return { model: $("model").value, truncation: Number($("truncation").value) || 1 };
 }
 
+// A class select's value as a request field; "" (by seed) leaves the field out.
+function chosen(id, field) {
+  return $(id).value === "" ? {} : { [field]: Number($(id).value) };
+}
+
+// The class selects follow the model: its classes, or hidden for an unconditional model.
+function fillClasses() {
+  const classes = info.generators?.[$("model").value]?.classes || [];
+  for (const id of ["label", "label-a", "label-b"]) {
+    $(id).replaceChildren(el("option", { value: "", text: "by seed" }),
+      ...classes.map((name, i) => el("option", { value: String(i), text: name })));
+  }
+  for (const row of document.querySelectorAll(".classes")) row.hidden = classes.length === 0;
+}
+
 async function generate() {
   const seed = Number($("seed").value) || 0, n = Number($("count").value) || 1;
   const ticket = ++latest.grid;
-  const answer = await api.json("/generate", { n, seed, format: "json", ...options() });
+  const answer = await api.json("/generate", { n, seed, format: "json", ...options(), ...chosen("label", "label") });
   if (ticket !== latest.grid) return;
+  const caption = (i) => `seed ${answer.seeds[i]}` + (answer.labels ? `, ${answer.labels[i]}` : "");
   $("grid").replaceChildren(...answer.images.map((image, i) =>
     el("figure", {}, el("img", { src: "data:image/png;base64," + image, alt: `seed ${answer.seeds[i]}` }),
-      el("figcaption", { text: `seed ${answer.seeds[i]}` }))));
+      el("figcaption", { text: caption(i) }))));
   say(`${answer.images.length} images from seed ${seed}, ${answer.model} version ${answer.version}`, true);
 }
 
 async function downloadPng() {
   const seed = Number($("seed").value) || 0, n = Number($("count").value) || 1;
-  const response = await api.post("/generate", { n, seed, format: "png", ...options() });
+  const response = await api.post("/generate", { n, seed, format: "png", ...options(), ...chosen("label", "label") });
   download(await response.blob(), `generated-seed${seed}-n${n}.png`);
 }
 
 function interpolation(format) {
   return { seed_a: Number($("seed-a").value) || 0, seed_b: Number($("seed-b").value) || 0,
-           steps: Number($("steps").value) || 16, method: $("method").value, format, ...options() };
+           steps: Number($("steps").value) || 16, method: $("method").value, format, ...options(),
+           ...chosen("label-a", "label_a"), ...chosen("label-b", "label_b") };
 }
 
 async function interpolate() {
@@ -64,6 +82,9 @@ function showCard() {
     ["FID (lower is better)", `${figure(metrics.fid)} (floor ${figure(metrics.floor?.fid)}, untrained ${figure(metrics.ceiling?.fid)})`],
     ["image", `${contract.image_size}x${contract.image_size}, ${contract.channels} channel(s)`],
     ["latent", `${contract.latent_dim} numbers from the seed`],
+    ["classes", contract.classes ? contract.classes.join(", ") : "none (unconditional)"],
+    ["class fidelity", metrics.class_fidelity ? `${(100 * metrics.class_fidelity.agreement).toFixed(1)}% ` +
+      `(real images ${(100 * metrics.class_fidelity_real.agreement).toFixed(1)}%)` : "-"],
     ["trained with", model.trained_with || "-"],
   ];
   for (const [name, value] of rows) table.append(el("tr", {}, el("th", { text: name }), el("td", { text: String(value) })));
@@ -73,7 +94,8 @@ async function main() {
   info = await api.start();
   for (const name of Object.keys(info.generators || {})) $("model").append(el("option", { value: name, text: name }));
   $("seed-slider").max = String(Math.min(999, info.limits?.seed?.[1] ?? 999));
-  $("model").onchange = guarded(async () => { showCard(); await generate(); });
+  $("model").onchange = guarded(async () => { fillClasses(); showCard(); await generate(); });
+  $("label").onchange = guarded(generate);
   $("generate").onclick = guarded(generate);
   $("download-png").onclick = guarded(downloadPng);
   $("interpolate").onclick = guarded(interpolate);
@@ -88,6 +110,7 @@ async function main() {
       if ($("grid").querySelector("img")?.alt !== `seed ${$("seed").value}`) $("seed").onchange();
     });
   };
+  fillClasses();
   showCard();
   await generate();
 }
