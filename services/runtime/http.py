@@ -12,8 +12,10 @@
   connection (connections.py); idle kept-alive connections close after uvicorn's 5 s.
 - Bodies: over MAX_BODY_BYTES (or the route's own limit) is a 413 before the service sees it;
   a body not complete within BODY_TIMEOUT seconds is a 408. JSON endpoints take only
-  `application/json` (415 otherwise) and a body that parses as a JSON object (400
-  invalid_request otherwise, one debug line in the log, no traceback).
+  `application/json` (or also `application/x-npy` where they say so; 415 otherwise) and a JSON
+  body that parses as an object (400 invalid_request otherwise, one debug line, no traceback).
+- Access log: one line per request kept by access_log.py (errors, slow, sampled), in place of
+  BentoML's line per request.
 - Time: a request not answered within REQUEST_TIMEOUT seconds is a 504 in the error shape, and
   its work is cancelled; so is the work of a request whose client has gone away.
 - One error shape: BentoML's own 4xx/5xx answers (request validation, unknown route, wrong
