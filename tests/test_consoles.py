@@ -82,13 +82,16 @@ def test_the_generator_console_shows_different_images_for_two_seeds(browser, tmp
         if classes:
             from selenium.webdriver.support.ui import Select
 
-            Select(browser.find_element("id", "label")).select_by_visible_text("Sneaker")
-            wait_for(browser, lambda d: "Sneaker" in d.find_element("css selector", "#grid figcaption").text,
-                     what="the grid of sneakers")
-            sneakers = browser.execute_script(grid)
-            answer = requests.post(f"{server.url}/generate", json={"n": 1, "seed": 7, "label": "Sneaker"},
+            # (seed 7's own class is 7, Sneaker: ask for another one). The caption is read in one
+            # script call: the grid is replaced whole, so a found element can go stale before .text.
+            caption = "return document.querySelector('#grid figcaption').textContent"
+            assert browser.execute_script(caption) == "seed 7, Sneaker"
+            Select(browser.find_element("id", "label")).select_by_visible_text("Trouser")
+            wait_for(browser, lambda d: d.execute_script(caption) == "seed 7, Trouser", what="the grid of trousers")
+            trousers = browser.execute_script(grid)
+            answer = requests.post(f"{server.url}/generate", json={"n": 1, "seed": 7, "label": "Trouser"},
                                    timeout=30).json()
-            assert sneakers[0] == "data:image/png;base64," + answer["images"][0] and sneakers[0] != second[0]
+            assert trousers[0] == "data:image/png;base64," + answer["images"][0] and trousers[0] != second[0]
 
 
 def test_the_classifier_console_classifies_teaches_and_names(browser, tmp_path):
