@@ -41,7 +41,8 @@ from tqdm import tqdm
 
 from training import cards, gan_quality
 from training.datasets import FASHION_CLASSES, load_fashion_mnist, to_tensor, to_uint8
-from training.gan import SEED_TO_LATENT, TO_UINT8, parity_report, save_png, sample_grid, seed_latents
+from training.gan import (SEED_TO_LATENT, TO_UINT8, parity_report, read_checkpoint, save_png, sample_grid,
+                          seed_latents, write_checkpoint)
 
 CLASSES = len(FASHION_CLASSES)
 GRID_COLUMNS = 10  # seeds 0..9 in every row of the per-epoch grid
@@ -319,19 +320,10 @@ def main(argv=None):
     checkpoint_path = args.run_dir / "checkpoint.pt"
     (args.run_dir / "samples").mkdir(parents=True, exist_ok=True)
     if args.resume:
-        if not checkpoint_path.exists():
-            raise SystemExit(f"--resume: no checkpoint at {checkpoint_path}")
-        state = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
-        if {k: state["args"][k] for k in HYPERPARAMETERS} != {k: vars(args)[k] for k in HYPERPARAMETERS}:
-            raise SystemExit(f"--resume: {checkpoint_path} was trained with other settings: {state['args']}")
-        for module, key in ((net_g, "g"), (net_d, "d"), (ema, "ema"), (untrained, "untrained"),
-                            (opt_g, "opt_g"), (opt_d, "opt_d")):
-            module.load_state_dict(state[key])
-        shuffle.set_state(state["shuffle"])
-        torch.set_rng_state(state["torch_rng"])
+        state = read_checkpoint(checkpoint_path, args, HYPERPARAMETERS, shuffle, {
+            "g": net_g, "d": net_d, "ema": ema, "untrained": untrained, "opt_g": opt_g, "opt_d": opt_d})
         history, epoch_lines, trained_seconds = state["history"], state["epochs"], state["duration_s"]
         start_epoch, resumed = state["epoch"] + 1, state.get("resumed", []) + [state["epoch"]]
-        print(f"resumed from {checkpoint_path} after epoch {state['epoch']}")
 
     per_epoch = math.ceil(len(x) / args.batch_size)
     print(f"training a class-conditional GAN on {len(x):,} images, epochs {start_epoch}..{args.epochs}, "
@@ -383,13 +375,9 @@ def main(argv=None):
               + f"  ({seconds:.0f}s)", flush=True)
         save_grid(ema if args.ema_decay > 0 else net_g, args.nz, args.run_dir / "samples" / f"epoch_{epoch:03d}.png")
         plot_curves(history, epoch_lines, per_epoch, args.run_dir / "curves.png")
-        torch.save({"g": net_g.state_dict(), "d": net_d.state_dict(), "ema": ema.state_dict(),
-                    "untrained": untrained.state_dict(), "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(),
-                    "shuffle": shuffle.get_state(), "torch_rng": torch.get_rng_state(), "epoch": epoch,
-                    "history": history, "epochs": epoch_lines, "duration_s": trained_seconds, "resumed": resumed,
-                    "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}},
-                   checkpoint_path.with_suffix(".tmp"))
-        checkpoint_path.with_suffix(".tmp").replace(checkpoint_path)
+        write_checkpoint(checkpoint_path, args, shuffle, {
+            "g": net_g, "d": net_d, "ema": ema, "untrained": untrained, "opt_g": opt_g, "opt_d": opt_d},
+            epoch=epoch, history=history, epochs=epoch_lines, duration_s=trained_seconds, resumed=resumed)
     if not epoch_lines:
         raise SystemExit("nothing trained: --epochs is not above the checkpoint's epoch")
     if start_epoch > args.epochs:

@@ -263,6 +263,33 @@ def parity_report(inputs: dict, diff: float, single: np.ndarray, whole: np.ndarr
     return report
 
 
+def write_checkpoint(path: Path, args, shuffle: torch.Generator, modules: dict, **progress) -> None:
+    """Each module's state under its key, the shuffle and torch RNG states, the progress and the
+    arguments; written to a temporary file first, so a checkpoint is never half-written."""
+    state = {key: module.state_dict() for key, module in modules.items()}
+    state.update(shuffle=shuffle.get_state(), torch_rng=torch.get_rng_state(), **progress,
+                 args={k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()})
+    torch.save(state, path.with_suffix(".tmp"))
+    path.with_suffix(".tmp").replace(path)
+
+
+def read_checkpoint(path: Path, args, hyperparameters: tuple[str, ...], shuffle: torch.Generator,
+                    modules: dict) -> dict:
+    """--resume: load write_checkpoint's file into the modules and RNGs; its state. Refuses one
+    trained with other hyperparameters (continuing it would mix two runs)."""
+    if not path.exists():
+        raise SystemExit(f"--resume: no checkpoint at {path}")
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if {k: state["args"][k] for k in hyperparameters} != {k: vars(args)[k] for k in hyperparameters}:
+        raise SystemExit(f"--resume: {path} was trained with other settings: {state['args']}")
+    for key, module in modules.items():
+        module.load_state_dict(state[key])
+    shuffle.set_state(state["shuffle"])
+    torch.set_rng_state(state["torch_rng"])
+    print(f"resumed from {path} after epoch {state['epoch']}")
+    return state
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m training gan", description=__doc__.split("\n")[0])
     p.add_argument("--data", default="fashion-mnist", help="'fashion-mnist' or a folder of images")
@@ -320,20 +347,11 @@ def main(argv=None):
     checkpoint_path = args.run_dir / "checkpoint.pt"
     (args.run_dir / "samples").mkdir(parents=True, exist_ok=True)
     if args.resume:
-        if not checkpoint_path.exists():
-            raise SystemExit(f"--resume: no checkpoint at {checkpoint_path}")
-        state = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
-        if {k: state["args"][k] for k in HYPERPARAMETERS} != {k: vars(args)[k] for k in HYPERPARAMETERS}:
-            raise SystemExit(f"--resume: {checkpoint_path} was trained with other settings: {state['args']}")
-        for module, key in ((net_g, "g"), (net_d, "d"), (opt_g, "opt_g"), (opt_d, "opt_d")):
-            module.load_state_dict(state[key])
-        untrained.load_state_dict(state["untrained_g"])
-        shuffle.set_state(state["shuffle"])
-        torch.set_rng_state(state["torch_rng"])
+        state = read_checkpoint(checkpoint_path, args, HYPERPARAMETERS, shuffle, {
+            "g": net_g, "d": net_d, "opt_g": opt_g, "opt_d": opt_d, "untrained_g": untrained})
         history, epoch_lines, trained_seconds = state["history"], state["epochs"], state["duration_s"]
         start_epoch = state["epoch"] + 1
         resumed = state.get("resumed", []) + [state["epoch"]]
-        print(f"resumed from {checkpoint_path} after epoch {state['epoch']}")
 
     per_epoch = math.ceil(len(x) / args.batch_size)
     print(f"training DCGAN {args.image_size}x{args.image_size}x{args.channels} on {len(x):,} images, "
@@ -378,13 +396,9 @@ def main(argv=None):
               f"D(x) {line['d_real']:.2f}  D(G(z)) {line['d_fake']:.2f}  ({seconds:.0f}s)", flush=True)
         save_samples(net_g, fixed, args.run_dir / "samples" / f"epoch_{epoch:03d}.png")
         plot_losses(history, per_epoch, args.run_dir / "loss_curve.png", f"DCGAN on {args.data}")
-        torch.save({"g": net_g.state_dict(), "d": net_d.state_dict(), "opt_g": opt_g.state_dict(),
-                    "opt_d": opt_d.state_dict(), "untrained_g": untrained.state_dict(),
-                    "shuffle": shuffle.get_state(), "torch_rng": torch.get_rng_state(), "epoch": epoch,
-                    "history": history, "epochs": epoch_lines, "duration_s": trained_seconds, "resumed": resumed,
-                    "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}},
-                   checkpoint_path.with_suffix(".tmp"))
-        checkpoint_path.with_suffix(".tmp").replace(checkpoint_path)  # never a half-written checkpoint
+        write_checkpoint(checkpoint_path, args, shuffle, {
+            "g": net_g, "d": net_d, "opt_g": opt_g, "opt_d": opt_d, "untrained_g": untrained},
+            epoch=epoch, history=history, epochs=epoch_lines, duration_s=trained_seconds, resumed=resumed)
     if not epoch_lines:
         raise SystemExit("nothing trained: --epochs is not above the checkpoint's epoch")
 
