@@ -122,6 +122,7 @@ def test_training_command_smoke_through_export_and_serving(tmp_path):
     models = tmp_path / "models"
     command = [sys.executable, "-m", "training", "cgan", "--name", "tiny", "--epochs", "1", "--limit", "640",
                "--fid-samples", "500", "--epoch-fid-samples", "200", "--kid-subset", "100", "--width", "8",
+               "--d-width", "8", "--decay-start", "1",  # the learning-rate decay runs over the one epoch
                "--run-dir", str(tmp_path / "run"), "--models-dir", str(models / "generator"),
                "--classifier-dir", str(MODELS / "classifier")]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
@@ -136,3 +137,4 @@ def test_training_command_smoke_through_export_and_serving(tmp_path):
     with running_service("generator", tmp_path, env={"MODELS_DIR": str(models)}) as server:
         answer = generate(server, {"n": 4, "seed": 3, "label": "Coat"})
     assert answer.status_code == 200 and answer.json()["labels"] == ["Coat"] * 4
+
