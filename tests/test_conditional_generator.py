@@ -122,7 +122,8 @@ def test_training_command_smoke_through_export_and_serving(tmp_path):
     models = tmp_path / "models"
     command = [sys.executable, "-m", "training", "cgan", "--name", "tiny", "--epochs", "1", "--limit", "640",
                "--fid-samples", "500", "--epoch-fid-samples", "200", "--kid-subset", "100", "--width", "8",
-               "--d-width", "8", "--decay-start", "1",  # the learning-rate decay runs over the one epoch
+               # the flags beside the recipe too: decay over the one epoch, bf16, BCE, mode seeking
+               "--d-width", "8", "--decay-start", "1", "--precision", "bf16", "--loss", "bce", "--mode-seeking", "1",
                "--run-dir", str(tmp_path / "run"), "--models-dir", str(models / "generator"),
                "--classifier-dir", str(MODELS / "classifier")]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)

@@ -1,25 +1,29 @@
 """Train a class-conditional GAN on Fashion-MNIST, measure it, export it to ONNX, write its card.
 
-    python -m training cgan --epochs 18 --seed 0                                      # models/generator/fashion/<next>
-    python -m training cgan --loss hinge --epochs 3 --no-export --name ablation_hinge  # an ablation run
-    python -m training cgan --epochs 18 --resume --ablation runs/cgan/ablation_*      # finished: measure, export
+    python -m training cgan --epochs 25 --seed 0                                      # models/generator/fashion/<next>
+    python -m training cgan --loss bce --epochs 3 --no-export --name ablation_bce    # an ablation run
+    python -m training cgan --epochs 13 --resume --ablation runs/cgan/ablation_*      # finished: measure, export
+    python -m training cgan --compare runs/cgan/fashion runs/cgan/ablation_*          # their figures side by side
 
 Top to bottom:
   1. train: a generator with class-conditional batch norm (its gains and biases a linear map
      of the class weights) and nearest-neighbour upsampling; a projection discriminator
-     (Miyato & Koyama, 2018) with spectral normalisation; the non-saturating loss; Adam with
-     TTUR and a linear learning-rate decay to 0 over the last epochs; an exponential moving
-     average of the generator's weights for sampling; bf16 mixed precision on the CPU. Each
-     is a flag, so the ablation is the same command. A progress bar per epoch, a grid per
-     epoch (one row per class), a checkpoint per epoch (--resume), loss and FID curves;
+     (Miyato & Koyama, 2018) with spectral normalisation; hinge loss; Adam with TTUR; an
+     exponential moving average of the generator's weights for sampling (the defaults: the
+     shipped version's recipe). Flags for what was tried beside it: the non-saturating loss,
+     wider networks, a linear learning-rate decay, bf16 mixed precision on the CPU, the
+     mode-seeking term. A progress bar per epoch, a grid per epoch (one row per class), a
+     checkpoint per epoch (--resume), loss and FID curves;
   2. measure on the held-out test split: FID and KID with the project's fixed extractor
-     (training/gan_quality.py) for raw and averaged weights, floor and ceiling; class
-     fidelity: how often the shipped `fashion` classifier, through the service's own
+     (training/gan_quality.py) for raw and averaged weights, floor and ceiling; per class,
+     FID against that class's held-out images and the spread of generated over real ones;
+     class fidelity: how often the shipped `fashion` classifier, through the service's own
      preprocessing, names the requested class on 10,000 generated images, and the same
      on the 10,000 real test images (the ceiling);
   3. export [N, latent_dim + classes] -> image [N, 1, 28, 28] (the latent, then the class
      weights: one-hot for a class, a mixture to morph between classes); parity with torch;
-  4. write models/generator/<name>/<version>/ with the card, samples and curves.
+  4. write models/generator/<name>/<version>/ with the card, report.md (the tables the docs
+     show), samples and curves.
 """
 
 from __future__ import annotations
@@ -277,19 +281,20 @@ def parse_args(argv=None):
     p.add_argument("--beta1", type=float, default=0.0)
     p.add_argument("--beta2", type=float, default=0.9)
     p.add_argument("--nz", type=int, default=100, help="latent size")
-    p.add_argument("--width", type=int, default=64, help="the generator's base channel width")
-    p.add_argument("--d-width", type=int, default=48, help="the discriminator's base channel width")
-    p.add_argument("--loss", choices=["hinge", "bce"], default="bce", help="bce: the non-saturating loss")
-    p.add_argument("--decay-start", type=int, default=9,
+    # The defaults are the shipped version's recipe, so its card's command reproduces it.
+    p.add_argument("--width", type=int, default=32, help="the generator's base channel width")
+    p.add_argument("--d-width", type=int, default=32, help="the discriminator's base channel width")
+    p.add_argument("--loss", choices=["hinge", "bce"], default="hinge", help="bce: the non-saturating loss")
+    p.add_argument("--decay-start", type=int, default=0,
                    help="from this epoch both learning rates fall linearly to 0 at the last epoch "
                         "(as SNGAN and the projection discriminator); 0: constant")
-    p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16",
+    p.add_argument("--precision", choices=["bf16", "fp32"], default="fp32",
                    help="bf16: mixed precision (autocast; weights, losses and sampling stay float32), about "
                         "1.6x faster on CPUs with AVX-512 BF16")
     p.add_argument("--no-spectral-norm", dest="spectral_norm", action="store_false")
     p.add_argument("--no-projection", dest="projection", action="store_false",
                    help="condition the discriminator by an extra input plane instead of the projection")
-    p.add_argument("--mode-seeking", type=float, default=1.0,
+    p.add_argument("--mode-seeking", type=float, default=0.0,
                    help="weight of the mode-seeking term (Mao et al., 2019): pairs of images of one class "
                         "must differ as their latents do; 0: off")
     p.add_argument("--ema-decay", type=float, default=0.999, help="0: sample from the raw weights")
@@ -309,18 +314,24 @@ def parse_args(argv=None):
                    help="where the shipped fashion classifier (the class-fidelity judge) is")
     p.add_argument("--version", type=int)
     p.add_argument("--max-fid", type=float, help="fail (and write no model) above this FID")
+    p.add_argument("--compare", type=Path, nargs="+", metavar="RUN_DIR",
+                   help="train nothing: print a table comparing these runs' summaries with the first")
     args = p.parse_args(argv)
     args.run_dir = args.run_dir or Path("runs/cgan") / args.name
     return args
 
 
-# (the first cgan checkpoints had no --mode-seeking; read_checkpoint treats them as 0)
 HYPERPARAMETERS = ("batch_size", "lr_g", "lr_d", "beta1", "beta2", "nz", "width", "d_width", "loss",
                    "spectral_norm", "projection", "ema_decay", "decay_start", "precision", "mode_seeking")
 
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.compare:
+        runs = [read_summary(d) for d in args.compare]
+        names = [f"`{d}`" for d in args.compare]
+        print("\n".join(runs_table(runs, names) + [""] + per_class_table(runs, names)))
+        return None
     command = "python -m training cgan " + shlex.join(sys.argv[2:] if argv is None else argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -345,7 +356,7 @@ def main(argv=None):
     if args.resume:
         state = read_checkpoint(checkpoint_path, args, HYPERPARAMETERS, shuffle, {
             "g": net_g, "d": net_d, "ema": ema, "untrained": untrained, "opt_g": opt_g, "opt_d": opt_d},
-            added_later={"mode_seeking": 0.0})
+            added_later=with_later_flags)
         history, epoch_lines, trained_seconds = state["history"], state["epochs"], state["duration_s"]
         start_epoch, resumed = state["epoch"] + 1, state.get("resumed", []) + [state["epoch"]]
 
@@ -422,7 +433,8 @@ def main(argv=None):
     if not epoch_lines:
         raise SystemExit("nothing trained: --epochs is not above the checkpoint's epoch")
     if start_epoch > args.epochs:
-        print(f"the checkpoint has all {args.epochs} epochs: measuring and exporting it", flush=True)
+        print(f"the checkpoint has all {args.epochs} epochs: measuring" + (" and exporting" if args.export else "")
+              + " it", flush=True)
 
     # 2. Measure the sampling weights (the moving average unless --ema-decay 0), raw ones beside them.
     sampler = ema if args.ema_decay > 0 else net_g
@@ -456,10 +468,7 @@ def main(argv=None):
     plot_curves(history, epoch_lines, per_epoch, out / "curves.png")
 
     # 4. The model card.
-    ablation = [json.loads((Path(d) / "summary.json").read_text()) for d in args.ablation]
-    for run in ablation:  # runs from before a flag existed had what it now makes explicit
-        run["hyperparameters"] = {"d_width": run["hyperparameters"]["width"], "decay_start": 0, "precision": "fp32",
-                                  "mode_seeking": 0.0, **run["hyperparameters"]}
+    ablation = [read_summary(d) for d in args.ablation]
     card = {
         "name": args.name, "version": out.name, "kind": "generator",
         "description": f"class-conditional GAN: a {args.nz}-d latent and one of {CLASSES} Fashion-MNIST classes to "
@@ -513,6 +522,47 @@ def mean_spread(per_class: dict | None) -> str:
     return f"{np.mean([q['spread_vs_real'] for q in per_class.values()]):.2f}" if per_class else ""
 
 
+def with_later_flags(hyperparameters: dict) -> dict:
+    """A run's settings with the flags added after it was trained, at the values its code had."""
+    return {"d_width": hyperparameters["width"], "decay_start": 0, "precision": "fp32", "mode_seeking": 0.0,
+            **hyperparameters}
+
+
+def read_summary(run_dir: Path) -> dict:
+    summary = json.loads((Path(run_dir) / "summary.json").read_text())
+    return {**summary, "hyperparameters": with_later_flags(summary["hyperparameters"])}
+
+
+def runs_table(runs: list[dict], names: list[str]) -> list[str]:
+    """Markdown rows comparing training runs (summary.json files) with the first one."""
+    reference = runs[0]["hyperparameters"]
+    lines = ["| run | differs from the first | epochs | FID at epoch 3 | FID at its last epoch | final FID | class "
+             "fidelity | spread, generated / real (mean of classes) | minutes |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, run in zip(names, runs):
+        h = run["hyperparameters"]
+        differs = ", ".join(f"{k} {h.get(k, 'n/a')}" for k in HYPERPARAMETERS if h.get(k) != reference.get(k)) or "-"
+        at3 = next((e for e in run["per_epoch"] if e["epoch"] == 3), None)
+        lines.append(f"| {name} | {differs} | {run['epochs']} | {epoch_fid(at3)} | {epoch_fid(run['per_epoch'][-1])} | "
+                     f"{run['fid']:.2f} | {run['class_fidelity']:.1%} | {mean_spread(run.get('per_class'))} | "
+                     f"{run['duration_s'] / 60:.0f} |")
+    return lines
+
+
+def per_class_table(runs: list[dict], names: list[str]) -> list[str]:
+    """Markdown rows: per class, each run's FID within the class and its spread (generated / real)."""
+    measured = [(name, run["per_class"]) for name, run in zip(names, runs) if run.get("per_class")]
+    if not measured:
+        return []
+    floor = measured[0][1]
+    lines = ["| class | real vs real | " + " | ".join(name for name, _ in measured) + " |",
+             "|---|---:|" + "---:|" * len(measured)]
+    for c in FASHION_CLASSES:
+        lines.append(f"| {c} | {floor[c]['fid_real_floor']:.1f} | " + " | ".join(
+            f"{q[c]['fid']:.1f} ({q[c]['spread_vs_real']:.2f})" for _, q in measured) + " |")
+    return lines
+
+
 def report(card: dict, models_dir: Path) -> str:
     """The card's figures as the Markdown tables docs/generator.md and the README show (copied from
     here, never typed): quality beside the other versions, class fidelity per class, the ablation."""
@@ -545,20 +595,15 @@ def report(card: dict, models_dir: Path) -> str:
               f"| mean top-1 confidence | {fake['mean_top1_confidence']:.3f} | "
               f"{real['mean_top1_confidence']:.3f} | | |", ""]
     t = card["training"]
-    recipe = t["hyperparameters"]
-    runs = [{"hyperparameters": {k: recipe[k] for k in HYPERPARAMETERS}, "per_epoch": t["per_epoch"],
-             "fid": m["fid"], "per_class": per_class, "epochs": t["epochs"], "duration_s": t["duration_s"]}]
-    lines += ["| run | differs from this recipe | epochs | FID at epoch 3 | FID at its last epoch | final FID "
-              "| spread, generated / real (mean of classes) | minutes |",
-              "|---|---|---:|---:|---:|---:|---:|---:|"]
-    for i, run in enumerate(runs + t["ablation"]):
-        h = run["hyperparameters"]
-        differs = ", ".join(f"{k} {h.get(k, 'n/a')}" for k in HYPERPARAMETERS if h.get(k) != recipe[k]) or "-"
-        at3 = next((e for e in run["per_epoch"] if e["epoch"] == 3), None)
-        lines.append(f"| {'this model' if i == 0 else f'ablation {i}'} | {differs} | {run['epochs']} | "
-                     f"{epoch_fid(at3)} | {epoch_fid(run['per_epoch'][-1])} | {run['fid']:.2f} | "
-                     f"{mean_spread(run.get('per_class'))} | {run['duration_s'] / 60:.0f} |")
-    lines += ["", f"Per-epoch FIDs: {card['training']['epoch_fid_samples']:,} generated images of the moving-average "
+    recipe = with_later_flags(t["hyperparameters"])
+    this = {"hyperparameters": {k: recipe[k] for k in HYPERPARAMETERS}, "per_epoch": t["per_epoch"], "fid": m["fid"],
+            "class_fidelity": fake["agreement"], "per_class": per_class, "epochs": t["epochs"],
+            "duration_s": t["duration_s"]}
+    names = ["this model"] + [f"ablation {i}" for i in range(1, len(t["ablation"]) + 1)]
+    ablation = [{**run, "hyperparameters": with_later_flags(run["hyperparameters"])} for run in t["ablation"]]
+    lines += runs_table([this] + ablation, names)
+    epoch_samples = t.get("epoch_fid_samples", 2_000)  # cards from before the field: 2,000
+    lines += ["", f"Per-epoch FIDs: {epoch_samples:,} generated images of the moving-average "
               f"weights against as many held-out images; final FIDs and the spread: {m['samples']['generated']:,}. "
               f"Trained in {t['duration_s'] / 60:.0f} min on {t['threads']} CPU threads "
               f"({t['epochs']} epochs, {t['iterations']:,} iterations of {recipe['batch_size']} images)."]

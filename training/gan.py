@@ -274,14 +274,14 @@ def write_checkpoint(path: Path, args, shuffle: torch.Generator, modules: dict, 
 
 
 def read_checkpoint(path: Path, args, hyperparameters: tuple[str, ...], shuffle: torch.Generator,
-                    modules: dict, added_later: dict | None = None) -> dict:
+                    modules: dict, added_later=None) -> dict:
     """--resume: load write_checkpoint's file into the modules and RNGs; its state. Refuses one
-    trained with other hyperparameters (continuing it would mix two runs). added_later: flags
-    newer than the checkpoint, with the value that the code it was trained by had."""
+    trained with other hyperparameters (continuing it would mix two runs). added_later: a function
+    completing an older checkpoint's settings with the flags added since, at the values its code had."""
     if not path.exists():
         raise SystemExit(f"--resume: no checkpoint at {path}")
     state = torch.load(path, map_location="cpu", weights_only=False)
-    trained = {**(added_later or {}), **state["args"]}
+    trained = added_later(state["args"]) if added_later else state["args"]
     if {k: trained.get(k) for k in hyperparameters} != {k: vars(args)[k] for k in hyperparameters}:
         raise SystemExit(f"--resume: {path} was trained with other settings: {state['args']}")
     for key, module in modules.items():
