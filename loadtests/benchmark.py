@@ -516,7 +516,8 @@ def main(argv=None) -> int:
     p.add_argument("--slice-seconds", type=float, default=2, help="seconds per wrk slice")
     p.add_argument("--compare-settings", nargs="+", metavar="NAME=VALUE[,NAME=VALUE]",
                    help="instead of the full run: requests/s under each setting, side by side (wrk); "
-                        "e.g. ACCESS_LOG=all ACCESS_LOG=sampled ACCESS_LOG=off; writes benchmarks/settings.md")
+                        "e.g. ACCESS_LOG=all ACCESS_LOG=sampled ACCESS_LOG=off; writes benchmarks/settings.md "
+                             "(settings-<services>.md with --services)")
     p.add_argument("--server-cores", choices=["half", "all"], default="half",
                    help="half: server and load generator on separate cores (default); all: the server may use "
                         "every core (the load generator shares them), for --compare-workers")
@@ -539,8 +540,9 @@ def main(argv=None) -> int:
     if args.compare_settings:
         text = compare_settings(names, args.compare_settings, server_cores, client_cores, args.slice_seconds,
                                 args.slices, plots, command)
-        (plots / "settings.md").write_text(f"# Requests/s by setting\n\n{text}\n")
-        print(f"\nwrote {plots / 'settings.md'}")
+        out = plots / ("settings-" + "-".join(names) + ".md" if args.services else "settings.md")
+        out.write_text(f"# Requests/s by setting\n\n{text}\n")
+        print(f"\nwrote {out}")
         return 0
     results = {}
     for name in names:

@@ -71,6 +71,7 @@ def test_info_shows_contract_limits_and_measured_quality(server):
     limits = info["limits"]
     assert limits["max_images"] == 64 and limits["steps"] == [2, 64] and limits["seed"] == [0, 2**32 - 1]
     assert limits["max_batch_size"] == 256  # the shared runtime's limits are kept beside ours
+    assert limits["batch_max_rows"] == 32  # the generator's own default (BATCH_MAX_ROWS overrides it)
     model = info["models"][0]
     assert model["sha256"] == CARD["sha256"] and model["metrics"] == CARD["metrics"]
     assert model["metrics"]["fid"] < model["metrics"]["ceiling"]["fid"]

@@ -82,6 +82,9 @@ def _pins(raw: str) -> dict[str, str]:
 SERVICE_DEFAULTS = {
     "policy": {"request_timeout": 30.0},
     "classifier": {"max_body_bytes": 64 * 1024 * 1024},  # several full-size photos in one upload
+    # 64 requests of 8 images merged into 512 rows ran 5% slower per image than batches of 32:
+    # a big batch's activations leave the cache (benchmarks/settings-generator.md)
+    "generator": {"batch_max_rows": 32},
 }
 
 
@@ -135,7 +138,8 @@ class Settings:
                                                                                    cls.max_body_bytes), minimum=1),
             max_batch_size=_int("MAX_BATCH_SIZE", cls.max_batch_size, minimum=1),
             batching=batching,
-            batch_max_rows=_int("BATCH_MAX_ROWS", cls.batch_max_rows, minimum=1),
+            batch_max_rows=_int("BATCH_MAX_ROWS", SERVICE_DEFAULTS.get(service, {}).get("batch_max_rows",
+                                                                                   cls.batch_max_rows), minimum=1),
             batch_wait_ms=_float("BATCH_WAIT_MS", cls.batch_wait_ms),
             inline_infer_ms=_float("INLINE_INFER_MS", cls.inline_infer_ms),
             infer_threads=_int("INFER_THREADS", cls.infer_threads),
