@@ -517,7 +517,7 @@ def main(argv=None) -> int:
     p.add_argument("--compare-settings", nargs="+", metavar="NAME=VALUE[,NAME=VALUE]",
                    help="instead of the full run: requests/s under each setting, side by side (wrk); "
                         "e.g. ACCESS_LOG=all ACCESS_LOG=sampled ACCESS_LOG=off; writes benchmarks/settings.md "
-                             "(settings-<services>.md with --services)")
+                        "(settings-<services>.md with --services)")
     p.add_argument("--server-cores", choices=["half", "all"], default="half",
                    help="half: server and load generator on separate cores (default); all: the server may use "
                         "every core (the load generator shares them), for --compare-workers")

@@ -138,4 +138,3 @@ def test_training_command_smoke_through_export_and_serving(tmp_path):
     with running_service("generator", tmp_path, env={"MODELS_DIR": str(models)}) as server:
         answer = generate(server, {"n": 4, "seed": 3, "label": "Coat"})
     assert answer.status_code == 200 and answer.json()["labels"] == ["Coat"] * 4
-

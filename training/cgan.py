@@ -379,8 +379,12 @@ def main(argv=None):
             index = order[start:start + args.batch_size]
             real, real_w = x[index], one_hot(y[index])
             b = len(real)
-            labels = torch.randint(0, CLASSES, (b - b // 2,))
-            fake_w = one_hot(torch.cat([labels, labels[:b // 2]]))  # image i and i + b - b // 2 share a class
+            if args.mode_seeking:  # image i and i + b - b // 2 share a class (the mode-seeking pairs)
+                labels = torch.randint(0, CLASSES, (b - b // 2,))
+                labels = torch.cat([labels, labels[:b // 2]])
+            else:  # as v2 was trained: the same draws, in the same order, so its command reproduces it
+                labels = torch.randint(0, CLASSES, (b,))
+            fake_w = one_hot(labels)
             z = torch.randn(b, args.nz)
             if decay_from is not None and step >= decay_from:
                 left = max(0.0, 1 - (step - decay_from) / (args.epochs * per_epoch - decay_from))
