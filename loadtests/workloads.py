@@ -170,7 +170,8 @@ class GeneratorWorkload(Workload):
 
     def raw(self, batch_sizes, seconds, encode: bool = True):
         """Seed to latent, session.run, uint8 conversion and (encode) PNG encoding, in-process."""
-        from services.generator import model_inputs, png_bytes, seed_latent, to_uint8
+        from services.generator import png_bytes
+        from services.latents import model_inputs, seed_latent, to_uint8
 
         entry, session = session_for("generator", "fashion")
         contract = entry.card["contract"]

@@ -12,12 +12,12 @@ the class weights (one-hot; /interpolate mixes two to morph one class into anoth
 With `Accept: application/x-npy` /generate answers the images as uint8 [N, H, W] (.npy), no
 PNG, no base64 (services/arrays.py).
 
-A seed becomes a latent exactly as the card says: numpy's default_rng(seed).standard_normal(z)
-as float32; image i of a request with seed s uses seed (s + i) mod 2**32. Pixels are
-round((x + 1) * 127.5). Inference goes through the runtime's adaptive batcher (concurrent
-requests share one onnxruntime run); a row's pixels do not depend on the batch it ran in
-(checked at export, recorded in the card as parity.uint8_identical_batch_of_1_vs_64), so the same seed
-gives the same PNG bytes. PNG/GIF encoding runs on a thread pool, off the event loop.
+A seed becomes a latent exactly as the card says (services/latents.py, which training uses
+too): numpy's default_rng(seed).standard_normal(z) as float32; image i of a request with seed s
+uses seed (s + i) mod 2**32. Pixels are round((x + 1) * 127.5). Inference goes through the
+runtime's adaptive batcher (concurrent requests share one onnxruntime run); a row's pixels do not
+depend on the batch it ran in (checked at export, recorded in the card as
+parity.uint8_identical_batch_of_1_vs_64), so the same seed gives the same PNG bytes. PNG/GIF encoding runs on a thread pool, off the event loop.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from pydantic import Field
 from starlette.responses import Response
 
 from services import arrays
+from services.latents import image_grid, model_inputs, seed_latent, to_uint8
 from services.runtime import (VERSION_FIELD, LoadedModel, Runtime, add_http_layer, api_errors, bad_request,
                               version_of)
 from services.runtime.config import service_options
@@ -52,28 +53,6 @@ INTERPOLATE_FORMATS = ("json", "png", "gif")
 METHODS = ("slerp", "linear")
 ENCODER_THREADS = 4              # PNG/GIF encoding pool (Pillow's zlib releases the GIL)
 GIF_FRAME_MS = 100
-
-
-def seed_latent(seed: int, latent_dim: int) -> np.ndarray:
-    """The card's contract (seed_to_latent)."""
-    return np.random.default_rng(seed).standard_normal(latent_dim).astype(np.float32)
-
-
-def to_uint8(images: np.ndarray) -> np.ndarray:
-    """float NCHW in [-1, 1] -> uint8 NHWC (the card's to_uint8)."""
-    return np.clip(np.rint((images + 1.0) * 127.5), 0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
-
-
-def image_grid(images: np.ndarray, columns: int, padding: int = 2) -> np.ndarray:
-    """uint8 NHWC -> one HWC image, row by row, black padding."""
-    n, h, w, c = images.shape
-    rows = math.ceil(n / columns)
-    grid = np.zeros((rows * (h + padding) + padding, columns * (w + padding) + padding, c), np.uint8)
-    for i, image in enumerate(images):
-        r, col = divmod(i, columns)
-        top, left = padding + r * (h + padding), padding + col * (w + padding)
-        grid[top:top + h, left:left + w] = image
-    return grid
 
 
 def _pil(array: np.ndarray):
@@ -156,17 +135,6 @@ def check_labels(label: Any, count: int, classes: list[str] | None, model: str, 
             raise bad_request("invalid_label", f"{shown(item)} is not a class of {model}: give a name or index "
                               f"0..{len(classes) - 1} of {classes}", where)
     return np.asarray(out, np.int64)
-
-
-def model_inputs(latents: np.ndarray, labels: np.ndarray | None, classes: list[str] | None,
-                 weights: np.ndarray | None = None) -> np.ndarray:
-    """What the model takes: the latents, then (conditional models) the class weights, one-hot
-    for labels unless weights are given (morphing)."""
-    if classes is None:
-        return latents
-    if weights is None:
-        weights = np.eye(len(classes), dtype=np.float32)[labels]
-    return np.concatenate([latents, weights.astype(np.float32)], axis=1)
 
 
 def classes_of(model: LoadedModel) -> list[str] | None:

@@ -21,7 +21,7 @@ import requests
 from PIL import Image
 
 from conftest import ROOT, running_service
-from services.generator import seed_latent
+from services.latents import seed_latent
 from services.runtime import repository
 from training.datasets import load_image_folder
 

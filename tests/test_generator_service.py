@@ -16,7 +16,8 @@ import requests
 from PIL import Image
 
 from conftest import MODELS, error_of, running_service
-from services.generator import MAX_SEED, model_inputs, png_bytes, seed_latent
+from services.generator import MAX_SEED, png_bytes
+from services.latents import model_inputs, seed_latent
 from services.runtime import repository
 
 GENERATORS = MODELS / "generator"

@@ -44,10 +44,10 @@ import torch.nn.functional as F
 from torch.nn.utils import spectral_norm
 from tqdm import tqdm
 
+from services.latents import SEED_TO_LATENT, TO_UINT8, seed_latents
 from training import cards, gan_quality
 from training.datasets import FASHION_CLASSES, load_fashion_mnist, to_tensor, to_uint8
-from training.gan import (SEED_TO_LATENT, TO_UINT8, parity_report, read_checkpoint, save_png, sample_grid,
-                          seed_latents, write_checkpoint)
+from training.gan import parity_report, read_checkpoint, save_png, sample_grid, write_checkpoint
 
 CLASSES = len(FASHION_CLASSES)
 GRID_COLUMNS = 10  # seeds 0..9 in every row of the per-epoch grid

@@ -106,6 +106,7 @@ def to_tensor(images: np.ndarray):
 
 
 def to_uint8(images) -> np.ndarray:
-    """float NCHW in [-1, 1] -> uint8 NHWC: round((x + 1) * 127.5), clipped. The card's contract."""
-    array = images.detach().cpu().numpy() if hasattr(images, "detach") else np.asarray(images)
-    return np.clip(np.rint((array + 1.0) * 127.5), 0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
+    """float NCHW in [-1, 1] (a tensor or an array) -> uint8 NHWC, as the card's contract says."""
+    from services.latents import to_uint8 as contract_to_uint8
+
+    return contract_to_uint8(images.detach().cpu().numpy() if hasattr(images, "detach") else np.asarray(images))

@@ -33,12 +33,10 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from services.generator import image_grid
+from services.latents import SEED_TO_LATENT, TO_UINT8, image_grid, seed_latents
 from training import cards, gan_quality
 from training.datasets import load_images, to_tensor, to_uint8
 
-SEED_TO_LATENT = "numpy.random.default_rng(seed).standard_normal(latent_dim).astype(numpy.float32)"
-TO_UINT8 = "numpy.clip(numpy.rint((image + 1) * 127.5), 0, 255).astype(numpy.uint8)"
 GRID_SEEDS = 64  # the fixed latent batch: seeds 0..63, the same images the service gives for them
 
 
@@ -107,11 +105,6 @@ class FlatLatentGenerator(nn.Module):
 
     def forward(self, latent: torch.Tensor) -> torch.Tensor:
         return self.generator(latent.view(latent.shape[0], latent.shape[1], 1, 1))
-
-
-def seed_latents(seeds, nz: int) -> np.ndarray:
-    """The card's contract: one seed -> one latent, reproducible by any numpy client."""
-    return np.stack([np.random.default_rng(int(s)).standard_normal(nz).astype(np.float32) for s in seeds])
 
 
 def build(args) -> tuple[Generator, Discriminator]:

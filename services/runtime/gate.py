@@ -37,6 +37,8 @@ from pathlib import Path
 
 import numpy as np
 
+from services import latents
+
 PROBES_FILE = "probes.npz"
 GENERATOR_PROBE_SEEDS = range(64)   # generators need no file: seeds give latents by contract
 LANDMARK_TOLERANCE = 0.02           # of the landmark crop's side
@@ -158,13 +160,9 @@ def probe_inputs(model, repository: Path) -> np.ndarray | None:
     contract = model.card.get("contract", {})
     if model.card.get("kind") == "generator":
         dim = int(contract["latent_dim"])
-        latents = np.stack([np.random.default_rng(s).standard_normal(dim).astype(np.float32)
-                            for s in GENERATOR_PROBE_SEEDS])
-        classes = contract.get("classes")
-        if classes:  # class-conditional: each seed's default class (seed mod classes), one-hot after the latent
-            latents = np.concatenate([latents, np.eye(len(classes), dtype=np.float32)[
-                np.asarray(GENERATOR_PROBE_SEEDS) % len(classes)]], axis=1)
-        return latents
+        classes = contract.get("classes")  # class-conditional: each seed's default class, seed mod classes
+        return latents.model_inputs(latents.seed_latents(GENERATOR_PROBE_SEEDS, dim),
+                                    np.asarray(GENERATOR_PROBE_SEEDS) % len(classes) if classes else None, classes)
     probes = load_probes(repository, model.name)
     if probes is None:
         return None
