@@ -17,7 +17,8 @@ too): numpy's default_rng(seed).standard_normal(z) as float32; image i of a requ
 uses seed (s + i) mod 2**32. Pixels are round((x + 1) * 127.5). Inference goes through the
 runtime's adaptive batcher (concurrent requests share one onnxruntime run); a row's pixels do not
 depend on the batch it ran in (checked at export, recorded in the card as
-parity.uint8_identical_batch_of_1_vs_64), so the same seed gives the same PNG bytes. PNG/GIF encoding runs on a thread pool, off the event loop.
+parity.uint8_identical_batch_of_1_vs_64), so the same seed gives the same PNG bytes. PNG/GIF
+encoding runs on a thread pool, off the event loop.
 """
 
 from __future__ import annotations

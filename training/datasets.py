@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from services import latents
+
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")  # apt-get install dataset-fashion-mnist
 FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
@@ -107,6 +109,4 @@ def to_tensor(images: np.ndarray):
 
 def to_uint8(images) -> np.ndarray:
     """float NCHW in [-1, 1] (a tensor or an array) -> uint8 NHWC, as the card's contract says."""
-    from services.latents import to_uint8 as contract_to_uint8
-
-    return contract_to_uint8(images.detach().cpu().numpy() if hasattr(images, "detach") else np.asarray(images))
+    return latents.to_uint8(images.detach().cpu().numpy() if hasattr(images, "detach") else np.asarray(images))

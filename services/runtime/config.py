@@ -130,24 +130,25 @@ class Settings:
         if device not in DEVICES:
             raise ValueError(f"INFER_DEVICE={device!r} must be one of {', '.join(DEVICES)}")
         batching = _switch("ADAPTIVE_BATCHING")
+
+        def default(key: str):  # this service's own default (SERVICE_DEFAULTS), else the class's
+            return SERVICE_DEFAULTS.get(service, {}).get(key, getattr(cls, key))
+
         return cls(
             models_dir=Path(os.environ.get("MODELS_DIR", "models")),
             device=device,
             api_key=os.environ.get("API_KEY") or None,
-            max_body_bytes=_int("MAX_BODY_BYTES", SERVICE_DEFAULTS.get(service, {}).get("max_body_bytes",
-                                                                                   cls.max_body_bytes), minimum=1),
+            max_body_bytes=_int("MAX_BODY_BYTES", default("max_body_bytes"), minimum=1),
             max_batch_size=_int("MAX_BATCH_SIZE", cls.max_batch_size, minimum=1),
             batching=batching,
-            batch_max_rows=_int("BATCH_MAX_ROWS", SERVICE_DEFAULTS.get(service, {}).get("batch_max_rows",
-                                                                                   cls.batch_max_rows), minimum=1),
+            batch_max_rows=_int("BATCH_MAX_ROWS", default("batch_max_rows"), minimum=1),
             batch_wait_ms=_float("BATCH_WAIT_MS", cls.batch_wait_ms),
             inline_infer_ms=_float("INLINE_INFER_MS", cls.inline_infer_ms),
             infer_threads=_int("INFER_THREADS", cls.infer_threads),
             warmup_min_seconds=_float("WARMUP_MIN_SECONDS", cls.warmup_min_seconds),
             model_versions=_pins(os.environ.get("MODEL_VERSIONS", "")),
             workers=_int("WORKERS", 1, minimum=1),
-            request_timeout=_positive("REQUEST_TIMEOUT", SERVICE_DEFAULTS.get(service, {}).get(
-                "request_timeout", cls.request_timeout)),
+            request_timeout=_positive("REQUEST_TIMEOUT", default("request_timeout")),
             body_timeout=_positive("BODY_TIMEOUT", cls.body_timeout),
             header_timeout=_positive("HEADER_TIMEOUT", cls.header_timeout),
             allowed_origins=_list("ALLOWED_ORIGINS", ()),
