@@ -115,6 +115,22 @@ def test_unconditional_version_refuses_a_label_and_the_gate_keeps_them_apart(tmp
     assert "contract.classes" in load.json()["error"]["message"]
 
 
+def test_default_flags_build_version_2s_networks():
+    """The flags added since v2 default to off, so its card's command still builds its networks."""
+    import torch
+
+    from training import cgan
+
+    v2 = json.loads((MODELS / "generator" / "fashion" / "2" / "model.json").read_text())["training"]
+    args = cgan.parse_args([])
+    torch.manual_seed(0)
+    net_g = cgan.Generator(args.nz, args.width, depth=args.g_depth)
+    net_d = cgan.Discriminator(args.d_width, std_group=args.minibatch_std)
+    assert sum(p.numel() for p in net_g.parameters()) == v2["hyperparameters"]["generator_parameters"]
+    assert sum(p.numel() for p in net_d.parameters()) == v2["hyperparameters"]["discriminator_parameters"]
+    assert (args.r1, args.minibatch_std, args.g_depth, args.mode_seeking) == (0, 0, 1, 0)
+
+
 @pytest.mark.slow
 def test_training_command_smoke_through_export_and_serving(tmp_path):
     """A tiny budget of the real command: trains, measures FID and class fidelity, exports with
@@ -122,8 +138,10 @@ def test_training_command_smoke_through_export_and_serving(tmp_path):
     models = tmp_path / "models"
     command = [sys.executable, "-m", "training", "cgan", "--name", "tiny", "--epochs", "1", "--limit", "640",
                "--fid-samples", "500", "--epoch-fid-samples", "200", "--kid-subset", "100", "--width", "8",
-               # the flags beside the recipe too: decay over the one epoch, bf16, BCE, mode seeking
+               # the flags beside the recipe too: decay over the one epoch, bf16, BCE, mode seeking, a deeper
+               # generator, minibatch standard deviation, R1 without spectral norm
                "--d-width", "8", "--decay-start", "1", "--precision", "bf16", "--loss", "bce", "--mode-seeking", "1",
+               "--g-depth", "2", "--minibatch-std", "4", "--r1", "1", "--no-spectral-norm",
                "--run-dir", str(tmp_path / "run"), "--models-dir", str(models / "generator"),
                "--classifier-dir", str(MODELS / "classifier")]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
@@ -138,3 +156,24 @@ def test_training_command_smoke_through_export_and_serving(tmp_path):
     with running_service("generator", tmp_path, env={"MODELS_DIR": str(models)}) as server:
         answer = generate(server, {"n": 4, "seed": 3, "label": "Coat"})
     assert answer.status_code == 200 and answer.json()["labels"] == ["Coat"] * 4
+
+
+@pytest.mark.skipif(int(NEWEST.version) < 3, reason="no conditional version after v2 is shipped")
+def test_a_better_version_passes_the_gate_and_takes_traffic(tmp_path):
+    """Pinned to v2, the newest version is loaded over the admin API: the gate runs its probes and
+    compares the FID its card measured with the serving version's, passes it, and /generate moves
+    to it on /serve."""
+    env = {"MODEL_VERSIONS": "fashion=2", "ADMIN_KEY": "admin-key", "MODEL_CONTROL_DIR": str(tmp_path / "control")}
+    admin = {"Authorization": "Bearer admin-key"}
+    with running_service("generator", tmp_path, env=env) as server:
+        assert generate(server, {"seed": 1, "label": "Bag"}).json()["version"] == "2"
+        load = requests.post(f"{server.url}/models/fashion/versions/{NEWEST.version}/load", json={}, timeout=180,
+                             headers=admin)
+        assert load.status_code == 200 and load.json()["gate"]["passed"], load.text
+        quality = next(c for c in load.json()["gate"]["checks"] if c["check"] == "quality")
+        assert quality["metric"] == "fid" and quality["value"] < quality["serving_value"], quality
+        switched = requests.post(f"{server.url}/models/fashion/serve", json={"version": NEWEST.version},
+                                 timeout=60, headers=admin)
+        assert switched.status_code == 200 and switched.json()["serving"] == NEWEST.version, switched.text
+        answer = generate(server, {"n": 2, "seed": 1, "label": "Bag"}).json()
+        assert answer["version"] == NEWEST.version and answer["labels"] == ["Bag", "Bag"]

@@ -1,17 +1,20 @@
 """Train a class-conditional GAN on Fashion-MNIST, measure it, export it to ONNX, write its card.
 
-    python -m training cgan --epochs 25 --seed 0                                      # models/generator/fashion/<next>
-    python -m training cgan --loss bce --epochs 3 --no-export --name ablation_bce    # an ablation run
-    python -m training cgan --epochs 13 --resume --ablation runs/cgan/ablation_*      # finished: measure, export
-    python -m training cgan --compare runs/cgan/fashion runs/cgan/ablation_*          # their figures side by side
+    # v3's recipe (the defaults are v2's, so v2's card command still reproduces it)
+    python -m training cgan --epochs 18 --decay-start 12 --precision bf16 --g-depth 3 --minibatch-std 4 \
+        --no-spectral-norm --loss bce --r1 1                                        # models/generator/fashion/<next>
+    python -m training cgan --g-depth 2 --epochs 2 --no-export --run-dir runs/screen/depth2  # an ablation run
+    python -m training cgan --epochs 18 --resume ... --ablation runs/screen/*     # finished: measure, export
+    python -m training cgan --compare runs/cgan/fashion runs/screen/*             # their figures side by side
 
 Top to bottom:
   1. train: a generator with class-conditional batch norm (its gains and biases a linear map
      of the class weights) and nearest-neighbour upsampling; a projection discriminator
      (Miyato & Koyama, 2018) with spectral normalisation; hinge loss; Adam with TTUR; an
-     exponential moving average of the generator's weights for sampling (the defaults: the
-     shipped version's recipe). Flags for what was tried beside it: the non-saturating loss,
-     wider networks, a linear learning-rate decay, bf16 mixed precision on the CPU, the
+     exponential moving average of the generator's weights for sampling (the defaults: v2's
+     recipe). Flags for what was tried beside it: convs per resolution in the generator, the
+     minibatch standard deviation and the R1 penalty for the discriminator, the non-saturating
+     loss, wider networks, a linear learning-rate decay, bf16 mixed precision on the CPU, the
      mode-seeking term. A progress bar per epoch, a grid per epoch (one row per class), a
      checkpoint per epoch (--resume), loss and FID curves;
   2. measure on the held-out test split: FID and KID with the project's fixed extractor
@@ -51,6 +54,8 @@ from training.gan import parity_report, read_checkpoint, save_png, sample_grid, 
 
 CLASSES = len(FASHION_CLASSES)
 GRID_COLUMNS = 10  # seeds 0..9 in every row of the per-epoch grid
+EARLY_EPOCH = 2  # the tables compare runs here too: the screening runs of the ablation are 2 epochs long
+R1_EVERY = 4  # lazy R1: every 4th discriminator step, its weight times 4 (StyleGAN2)
 
 
 class ConditionalBatchNorm(nn.Module):
@@ -70,9 +75,10 @@ class ConditionalBatchNorm(nn.Module):
 
 
 class Generator(nn.Module):
-    """[latent, class weights] -> 7x7x(4w) -> 14x14x(2w) -> 28x28x(w) -> 28x28x1 in [-1, 1]."""
+    """[latent, class weights] -> 7x7x(4w) -> 14x14x(2w) -> 28x28x(w) -> 28x28x1 in [-1, 1]; depth: 3x3 convs
+    per resolution after each upsampling (1: v2's generator)."""
 
-    def __init__(self, nz: int, width: int, classes: int = CLASSES):
+    def __init__(self, nz: int, width: int, classes: int = CLASSES, depth: int = 1):
         super().__init__()
         self.nz, self.width = nz, width
         self.project = nn.Linear(nz + classes, 4 * width * 7 * 7)
@@ -81,13 +87,19 @@ class Generator(nn.Module):
         self.norm1 = ConditionalBatchNorm(2 * width, classes)
         self.conv2 = nn.Conv2d(2 * width, width, 3, padding=1)
         self.norm2 = ConditionalBatchNorm(width, classes)
+        # the extra convs at 14x14 and 28x28 (none at depth 1, so v2's weights load as they are)
+        self.extra = nn.ModuleList([nn.ModuleList([nn.Conv2d(c, c, 3, padding=1), ConditionalBatchNorm(c, classes)])
+                                    for c in (2 * width, width) for _ in range(depth - 1)])
         self.out = nn.Conv2d(width, 1, 3, padding=1)
 
     def forward(self, z: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         x = self.project(torch.cat([z, weights], 1)).unflatten(1, (4 * self.width, 7, 7))
         x = F.relu(self.norm0(x, weights))
-        x = F.relu(self.norm1(self.conv1(F.interpolate(x, scale_factor=2.0, mode="nearest")), weights))
-        x = F.relu(self.norm2(self.conv2(F.interpolate(x, scale_factor=2.0, mode="nearest")), weights))
+        per_resolution = len(self.extra) // 2
+        for i, (conv, norm) in enumerate(((self.conv1, self.norm1), (self.conv2, self.norm2))):
+            x = F.relu(norm(conv(F.interpolate(x, scale_factor=2.0, mode="nearest")), weights))
+            for extra_conv, extra_norm in self.extra[i * per_resolution:(i + 1) * per_resolution]:
+                x = F.relu(extra_norm(extra_conv(x), weights))
         return torch.tanh(self.out(x))
 
 
@@ -95,13 +107,15 @@ class Discriminator(nn.Module):
     """image, class weights -> one score: a linear head on pooled features plus the projection
     <embed(class), features> that asks "is this a real image OF THIS CLASS"."""
 
-    def __init__(self, width: int, classes: int = CLASSES, normalise: bool = True, projection: bool = True):
+    def __init__(self, width: int, classes: int = CLASSES, normalise: bool = True, projection: bool = True,
+                 std_group: int = 0):
         super().__init__()
         sn = spectral_norm if normalise else (lambda m: m)
+        self.std_group = std_group
         self.layers = nn.ModuleList([
             sn(nn.Conv2d(1, width, 3, 1, 1)), sn(nn.Conv2d(width, 2 * width, 4, 2, 1)),            # 14x14
             sn(nn.Conv2d(2 * width, 2 * width, 3, 1, 1)), sn(nn.Conv2d(2 * width, 4 * width, 4, 2, 1)),  # 7x7
-            sn(nn.Conv2d(4 * width, 4 * width, 3, 1, 1))])
+            sn(nn.Conv2d(4 * width + (1 if std_group else 0), 4 * width, 3, 1, 1))])
         self.head = sn(nn.Linear(4 * width, 1))
         self.embed = sn(nn.Linear(classes, 4 * width, bias=False)) if projection else None
         self.concat = None if projection else sn(nn.Linear(classes, 28 * 28))  # the label as an extra input plane
@@ -109,13 +123,32 @@ class Discriminator(nn.Module):
     def forward(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         if self.concat is not None:
             x = x + self.concat(weights).view(-1, 1, 28, 28)
-        for layer in self.layers:
+        for i, layer in enumerate(self.layers):
+            if self.std_group and i == len(self.layers) - 1:
+                x = minibatch_std(x, self.std_group)
             x = F.leaky_relu(layer(x), 0.1)
         features = x.sum(dim=(2, 3))
         score = self.head(features).view(-1)
         if self.embed is not None:
             score = score + (self.embed(weights) * features).sum(1)
         return score
+
+
+def minibatch_std(x: torch.Tensor, group: int) -> torch.Tensor:
+    """ProGAN's minibatch standard deviation (Karras et al., 2018): one more feature map, how much the
+    images of a small group differ, so the discriminator can see a generator whose images all look alike."""
+    n, c, h, w = x.shape
+    g = math.gcd(group, n)
+    # the small constant keeps the square root's gradient finite where the images are identical
+    spread = (x.float().view(g, -1, c, h, w).var(0, unbiased=False) + 1e-8).sqrt().mean(dim=(1, 2, 3))
+    return torch.cat([x, spread.repeat(g).view(n, 1, 1, 1).expand(n, 1, h, w).to(x.dtype)], 1)
+
+
+def r1_penalty(net_d: "Discriminator", real: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """R1 (Mescheder et al., 2018): the squared gradient of the discriminator at real images."""
+    real = real.detach().requires_grad_(True)
+    (grad,) = torch.autograd.grad(net_d(real, weights).float().sum(), real, create_graph=True)
+    return grad.pow(2).sum(dim=(1, 2, 3)).mean()
 
 
 class Exported(nn.Module):
@@ -281,7 +314,7 @@ def parse_args(argv=None):
     p.add_argument("--beta1", type=float, default=0.0)
     p.add_argument("--beta2", type=float, default=0.9)
     p.add_argument("--nz", type=int, default=100, help="latent size")
-    # The defaults are the shipped version's recipe, so its card's command reproduces it.
+    # The defaults are v2's recipe, so its card's command reproduces it; v3's card names its flags.
     p.add_argument("--width", type=int, default=32, help="the generator's base channel width")
     p.add_argument("--d-width", type=int, default=32, help="the discriminator's base channel width")
     p.add_argument("--loss", choices=["hinge", "bce"], default="hinge", help="bce: the non-saturating loss")
@@ -291,6 +324,11 @@ def parse_args(argv=None):
     p.add_argument("--precision", choices=["bf16", "fp32"], default="fp32",
                    help="bf16: mixed precision (autocast; weights, losses and sampling stay float32), about "
                         "1.6x faster on CPUs with AVX-512 BF16")
+    p.add_argument("--g-depth", type=int, default=1, help="3x3 convs per resolution in the generator")
+    p.add_argument("--minibatch-std", type=int, default=0, metavar="GROUP",
+                   help="the discriminator sees how much groups of this many images differ (ProGAN); 0: off")
+    p.add_argument("--r1", type=float, default=0.0, metavar="GAMMA",
+                   help=f"R1 gradient penalty on real images, every {R1_EVERY} steps (lazy, as StyleGAN2); 0: off")
     p.add_argument("--no-spectral-norm", dest="spectral_norm", action="store_false")
     p.add_argument("--no-projection", dest="projection", action="store_false",
                    help="condition the discriminator by an extra input plane instead of the projection")
@@ -322,7 +360,8 @@ def parse_args(argv=None):
 
 
 HYPERPARAMETERS = ("batch_size", "lr_g", "lr_d", "beta1", "beta2", "nz", "width", "d_width", "loss",
-                   "spectral_norm", "projection", "ema_decay", "decay_start", "precision", "mode_seeking")
+                   "spectral_norm", "projection", "ema_decay", "decay_start", "precision", "mode_seeking",
+                   "g_depth", "minibatch_std", "r1")
 
 
 def main(argv=None):
@@ -340,8 +379,9 @@ def main(argv=None):
     if args.limit:
         train_images, train_labels = train_images[:args.limit], train_labels[:args.limit]
     x, y = to_tensor(train_images), torch.as_tensor(train_labels, dtype=torch.long)
-    net_g, net_d = Generator(args.nz, args.width), Discriminator(args.d_width, normalise=args.spectral_norm,
-                                                                   projection=args.projection)
+    net_g = Generator(args.nz, args.width, depth=args.g_depth)
+    net_d = Discriminator(args.d_width, normalise=args.spectral_norm, projection=args.projection,
+                          std_group=args.minibatch_std)
     untrained = copy.deepcopy(net_g)
     ema = copy.deepcopy(net_g)
     opt_g = torch.optim.Adam(net_g.parameters(), lr=args.lr_g, betas=(args.beta1, args.beta2))
@@ -396,6 +436,9 @@ def main(argv=None):
                 # (1) the discriminator on real images of their class and generated ones of theirs
                 real_scores, fake_scores = net_d(real, real_w), net_d(fake.detach(), fake_w)
             loss_d = discriminator_loss(args.loss, real_scores.float(), fake_scores.float())
+            if args.r1 and step % R1_EVERY == 0:
+                with mixed:
+                    loss_d = loss_d + args.r1 / 2 * R1_EVERY * r1_penalty(net_d, real, real_w)
             opt_d.zero_grad(set_to_none=True)
             loss_d.backward()
             opt_d.step()
@@ -484,12 +527,17 @@ def main(argv=None):
             "iterations": len(history), "device": "cpu", "threads": args.threads,
             "epoch_fid_samples": args.epoch_fid_samples,
             "hyperparameters": {**{k: vars(args)[k] for k in HYPERPARAMETERS},
-                                "generator": "linear to 7x7, two nearest-neighbour upsampling + 3x3 conv blocks, "
-                                             "class-conditional batch norm, tanh",
+                                "generator": "linear to 7x7, two nearest-neighbour upsampling blocks of "
+                                             f"{args.g_depth} 3x3 conv(s) each, class-conditional batch norm, tanh",
                                 "discriminator": "5 conv layers, global sum pooling, linear head"
                                                  + (" + class projection" if args.projection else
                                                     " (label as an extra input plane)")
-                                                 + (", spectral norm on every layer" if args.spectral_norm else ""),
+                                                 + (", spectral norm on every layer" if args.spectral_norm else "")
+                                                 + (f", minibatch standard deviation over groups of "
+                                                    f"{args.minibatch_std} before the last conv"
+                                                    if args.minibatch_std else "")
+                                                 + (f", R1 penalty {args.r1} every {R1_EVERY} steps"
+                                                    if args.r1 else ""),
                                 "generator_parameters": sum(p.numel() for p in net_g.parameters()),
                                 "discriminator_parameters": sum(p.numel() for p in net_d.parameters())},
             "duration_s": round(trained_seconds, 1), "resumed_after_epochs": resumed, "per_epoch": epoch_lines,
@@ -529,7 +577,7 @@ def mean_spread(per_class: dict | None) -> str:
 def with_later_flags(hyperparameters: dict) -> dict:
     """A run's settings with the flags added after it was trained, at the values its code had."""
     return {"d_width": hyperparameters["width"], "decay_start": 0, "precision": "fp32", "mode_seeking": 0.0,
-            **hyperparameters}
+            "g_depth": 1, "minibatch_std": 0, "r1": 0.0, **hyperparameters}
 
 
 def read_summary(run_dir: Path) -> dict:
@@ -540,16 +588,16 @@ def read_summary(run_dir: Path) -> dict:
 def runs_table(runs: list[dict], names: list[str]) -> list[str]:
     """Markdown rows comparing training runs (summary.json files) with the first one."""
     reference = runs[0]["hyperparameters"]
-    lines = ["| run | differs from the first | epochs | FID at epoch 3 | FID at its last epoch | final FID | class "
-             "fidelity | spread, generated / real (mean of classes) | minutes |",
+    lines = [f"| run | differs from the first | epochs | FID at epoch {EARLY_EPOCH} | FID at its last epoch | "
+             "final FID | class fidelity | spread, generated / real (mean of classes) | minutes |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name, run in zip(names, runs):
         h = run["hyperparameters"]
         differs = ", ".join(f"{k} {h.get(k, 'n/a')}" for k in HYPERPARAMETERS if h.get(k) != reference.get(k)) or "-"
-        at3 = next((e for e in run["per_epoch"] if e["epoch"] == 3), None)
-        lines.append(f"| {name} | {differs} | {run['epochs']} | {epoch_fid(at3)} | {epoch_fid(run['per_epoch'][-1])} | "
-                     f"{run['fid']:.2f} | {run['class_fidelity']:.1%} | {mean_spread(run.get('per_class'))} | "
-                     f"{run['duration_s'] / 60:.0f} |")
+        early = next((e for e in run["per_epoch"] if e["epoch"] == EARLY_EPOCH), None)
+        lines.append(f"| {name} | {differs} | {run['epochs']} | {epoch_fid(early)} | "
+                     f"{epoch_fid(run['per_epoch'][-1])} | {run['fid']:.2f} | {run['class_fidelity']:.1%} | "
+                     f"{mean_spread(run.get('per_class'))} | {run['duration_s'] / 60:.0f} |")
     return lines
 
 
