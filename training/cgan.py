@@ -123,10 +123,11 @@ class Discriminator(nn.Module):
     def forward(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         if self.concat is not None:
             x = x + self.concat(weights).view(-1, 1, 28, 28)
-        for i, layer in enumerate(self.layers):
-            if self.std_group and i == len(self.layers) - 1:
-                x = minibatch_std(x, self.std_group)
+        for layer in self.layers[:-1]:
             x = F.leaky_relu(layer(x), 0.1)
+        if self.std_group:  # one more input channel for the last conv
+            x = minibatch_std(x, self.std_group)
+        x = F.leaky_relu(self.layers[-1](x), 0.1)
         features = x.sum(dim=(2, 3))
         score = self.head(features).view(-1)
         if self.embed is not None:
