@@ -160,28 +160,37 @@ def detector_input(rgb: np.ndarray) -> tuple[np.ndarray, Size]:
     """
     h, w = rgb.shape[:2]
     side = max(h, w)
-    image = np.pad(rgb.astype(np.float32), ((0, side - h), (0, side - w), (0, 0)))
-    if side != DETECTOR_SIZE:
-        image = resize_bilinear(image, DETECTOR_SIZE)
+    image = resize_bilinear(rgb, DETECTOR_SIZE, pad=((0, side - h), (0, side - w)))
     return image.transpose(2, 0, 1)[None].copy(), Size(w, h)
 
 
-def resize_bilinear(img: np.ndarray, size: int) -> np.ndarray:
+def resize_bilinear(img: np.ndarray, size: int, pad=((0, 0), (0, 0))) -> np.ndarray:
     """tf.image.resizeBilinear(alignCorners=false, halfPixelCenters=false), as tfjs' CPU kernel computes it:
-    output pixel i samples input position i * in / out (no half-pixel offset), in float64, stored as float32."""
-    img = img.astype(np.float64)
+    output pixel i samples input position i * in / out (no half-pixel offset), in float64, stored as float32.
 
-    def taps(n_in):
+    `pad` ((top, bottom), (left, right)) resizes the image as if zero-padded that much first, without
+    making the padded image: only the size x size samples are read, so a 20000x1 photo costs its own
+    pixels, not a 20000x20000 square's."""
+    (top, bottom), (left, right) = pad
+
+    def taps(n, before, after):  # source rows (or columns) of each output one, in the unpadded image
+        n_in = n + before + after
         src = np.arange(size) * (n_in / size)
         lo = np.floor(src).astype(int)
-        return lo, np.minimum(np.ceil(src).astype(int), n_in - 1), src - lo
+        hi = np.minimum(np.ceil(src).astype(int), n_in - 1)
+        return lo - before, hi - before, src - lo
 
-    r0, r1, fr = taps(img.shape[0])
-    c0, c1, fc = taps(img.shape[1])
+    def sample(rows, cols):  # img[rows][:, cols] as float64, zero where a tap falls in the padding
+        inside = ((rows >= 0) & (rows < img.shape[0]))[:, None] & ((cols >= 0) & (cols < img.shape[1]))[None, :]
+        values = img[np.clip(rows, 0, img.shape[0] - 1)][:, np.clip(cols, 0, img.shape[1] - 1)].astype(np.float64)
+        return values * inside[:, :, None]
+
+    r0, r1, fr = taps(img.shape[0], top, bottom)
+    c0, c1, fc = taps(img.shape[1], left, right)
     fc = fc[None, :, None]
-    top = img[r0][:, c0] + (img[r0][:, c1] - img[r0][:, c0]) * fc
-    bottom = img[r1][:, c0] + (img[r1][:, c1] - img[r1][:, c0]) * fc
-    return (top + (bottom - top) * fr[:, None, None]).astype(np.float32)
+    top_row = sample(r0, c0) + (sample(r0, c1) - sample(r0, c0)) * fc
+    bottom_row = sample(r1, c0) + (sample(r1, c1) - sample(r1, c0)) * fc
+    return (top_row + (bottom_row - top_row) * fr[:, None, None]).astype(np.float32)
 
 
 def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -267,16 +276,13 @@ def landmark_input(rgb: np.ndarray, box) -> tuple[np.ndarray, Crop]:
     x0, y0, w, h = (int(math.floor(v)) for v in (x0, y0, w, h))
     if w <= 0 or h <= 0:
         raise ValueError(f"box {box} is outside the {img_w}x{img_h} image")
-    face = rgb[y0 : y0 + h, x0 : x0 + w].astype(np.float32)
+    face = rgb[y0 : y0 + h, x0 : x0 + w]
 
     # ops/padToSquare(centered): zeros, Math.round(diff / 2) after the face, the rest before it
     side, diff = max(w, h), abs(w - h)
     after = int(math.floor(diff * 0.5 + 0.5))  # JS Math.round rounds halves up
     pad = (diff - after, after)
-    face = np.pad(face, (pad, (0, 0), (0, 0)) if h < w else ((0, 0), pad, (0, 0)))
-
-    if side != LANDMARK_SIZE:
-        face = resize_bilinear(face, LANDMARK_SIZE)
+    face = resize_bilinear(face, LANDMARK_SIZE, pad=(pad, (0, 0)) if h < w else ((0, 0), pad))
     return face.transpose(2, 0, 1)[None].copy(), Crop(x0, y0, w, h, side)
 
 

@@ -14,8 +14,8 @@ Preprocessing contract (the card's contract.preprocessing repeats it):
   - colour "grey": ITU-R 601-2 luma (PIL's "L"), copied into 3 channels;
     colour "rgb": RGB order (greyscale copied into 3 channels);
   - 16-bit greyscale scaled to 8 bits;
-  - padded to a square with `background` (centred, aspect ratio kept), then resized to
-    size x size with PIL's bilinear filter (antialiased when shrinking);
+  - resized with PIL's bilinear filter (antialiased when shrinking) so that its longer side is
+    `size`, aspect ratio kept, then padded to size x size with `background` (centred);
   - x = (pixel / 255 - mean) / std per channel, NCHW float32.
 """
 
@@ -124,11 +124,16 @@ def prepare(image: Image.Image, size: int, colour: str, background: tuple[int, i
         if image.mode == "L" else tuple(background)
     width, height = image.size
     if width != height:  # pad, don't crop: the whole object stays in view
+        # resize first, then pad: padding a 20000x1 strip to 20000x20000 before shrinking it would
+        # cost a square's worth of pixels; this way the cost follows the pixels the file holds
         side = max(width, height)
-        square = Image.new(image.mode, (side, side), fill)
-        square.paste(image, ((side - width) // 2, (side - height) // 2))
+        inner = (max(1, round(width * size / side)), max(1, round(height * size / side)))
+        if inner != image.size:
+            image = image.resize(inner, RESIZE)
+        square = Image.new(image.mode, (size, size), fill)
+        square.paste(image, ((size - inner[0]) // 2, (size - inner[1]) // 2))
         image = square
-    if image.size != (size, size):
+    elif width != size:
         image = image.resize((size, size), RESIZE)
     array = np.asarray(image, dtype=np.uint8)
     if array.ndim == 2:

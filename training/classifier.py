@@ -741,8 +741,9 @@ def main(argv=None):
                 "alpha": f"composited onto the background {list(args.background_rgb)}",
                 "background": list(args.background_rgb),
                 "frames": "first frame only (GIF, animated WebP); EXIF orientation applied",
-                "resize": "pad to a square with the background (centred, aspect kept), then PIL bilinear "
-                          f"to {args.image_size}x{args.image_size} (antialiased when shrinking)",
+                "resize": "PIL bilinear (antialiased when shrinking) to a longer side of "
+                          f"{args.image_size}, aspect kept, then padded with the background (centred) to "
+                          f"{args.image_size}x{args.image_size}",
                 "scale": "pixel / 255",
                 "mean": mean,
                 "std": std,
