@@ -280,7 +280,8 @@ def test_the_openapi_document_has_the_admin_api(lifecycle_server):
                   "/models/{name}/serve"):
         operation = paths[route]["post"]
         assert operation["parameters"][0]["schema"]["enum"] == ["cartpole", "cartpole_pixels", "lunarlander"]
-        assert {"200", "401", "403", "404", "422"} <= set(operation["responses"])
+        assert {"200", "401", "403", "404", "409", "415", "504"} <= set(operation["responses"])
+        assert ("422" in operation["responses"]) == route.endswith("/load")  # only a load is refused or gated
 
 
 def test_every_worker_follows_and_a_restart_keeps_the_choice(versions, tmp_path):

@@ -17,11 +17,13 @@ import json
 import math
 import re
 
+from services.runtime import repository
 from services.runtime.errors import ApiError, bad_request, shown
 
 ROUTE = re.compile(r"^/models/(?P<name>[^/]+)/"
                    r"(?:versions/(?P<version>[^/]+)/(?P<action>load|unload)|(?P<serve>serve))$")
 MAX_BODY = 4096
+VERSION_PATTERN = "^[0-9]{1,20}$"  # repository.VERSION_NAME
 FIELDS = {"load": {"min_agreement"}, "unload": set(), "serve": {"version", "force"}}
 
 
@@ -29,13 +31,40 @@ def is_admin_path(path: str) -> bool:
     return path.startswith("/models/")
 
 
+def key_bytes(key: str) -> bytes:
+    """A key from the environment as the bytes a client must send: UTF-8, and bytes that were not
+    UTF-8 kept as they were (os.environ holds those as surrogates)."""
+    return key.encode("utf-8", "surrogateescape")
+
+
+def bearer_matches(authorization: str | None, key: bytes) -> bool:
+    """`Authorization: Bearer <key>`, compared as bytes in constant time. The header arrives as
+    latin-1 (one character per byte), so its bytes are exactly the client's; only spaces and tabs
+    around the token are dropped (str.strip would also drop a no-break space, U+00A0)."""
+    scheme, _, token = (authorization or "").partition(" ")
+    try:
+        sent = token.strip(" \t").encode("latin-1")
+    except UnicodeEncodeError:  # not from an HTTP header: no byte form, no match
+        return False
+    return scheme.lower() == "bearer" and hmac.compare_digest(sent, key)
+
+
 def authorize(admin_key: str | None, authorization: str | None) -> None:
     if admin_key is None:
         raise ApiError(403, "admin_disabled", "the model control API is off; set ADMIN_KEY to turn it on")
-    scheme, _, token = (authorization or "").partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), admin_key.encode()):
+    if not bearer_matches(authorization, key_bytes(admin_key)):
         raise ApiError(401, "unauthorized", "missing or wrong admin key: send 'Authorization: Bearer <ADMIN_KEY>'",
                        field="Authorization")
+
+
+def version_name(value, where: str) -> str:
+    """A version as named in the URL or the body: 1 to 20 ASCII digits (not "..", not "١")."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)
+    if not repository.is_version_name(value):
+        raise bad_request("invalid_field", f"the version in {where} must be a version folder's number, 1 to 20 "
+                          f"ASCII digits (e.g. \"2\"), got {shown(value)}", "version")
+    return value
 
 
 def parse(method: str, path: str, body: bytes) -> tuple[str, str, dict]:
@@ -59,7 +88,7 @@ def parse(method: str, path: str, body: bytes) -> tuple[str, str, dict]:
                               f"{sorted(FIELDS[action]) or 'no fields'}", key)
     args = {}
     if action in ("load", "unload"):
-        args["version"] = match["version"]
+        args["version"] = version_name(match["version"], "the path")
     if action == "load" and "min_agreement" in data:
         value = data["min_agreement"]
         if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) \
@@ -68,12 +97,7 @@ def parse(method: str, path: str, body: bytes) -> tuple[str, str, dict]:
                               "min_agreement")
         args["min_agreement"] = float(value)
     if action == "serve":
-        version = data.get("version")
-        if isinstance(version, int) and not isinstance(version, bool):
-            version = str(version)
-        if not isinstance(version, str) or not version.isdigit():
-            raise bad_request("invalid_field", f"version must name a version folder, e.g. \"2\", got {shown(version)}",
-                              "version")
+        version = version_name(data.get("version"), "the body")
         force = data.get("force", False)
         if not isinstance(force, bool):
             raise bad_request("invalid_field", "force must be true or false", "force")
@@ -87,17 +111,29 @@ async def run(runtime, action: str, name: str, args: dict) -> dict:
     return await asyncio.to_thread(method, name, **args)
 
 
-ERRORS = {
-    "400": "invalid body: the code and field say which",
+# What each operation can answer besides 200, as /docs.json lists it (tests/test_admin_hostile.py
+# provokes every one of them over HTTP).
+COMMON = {
+    "400": "invalid body or version name, or a Host not in ALLOWED_HOSTS: the code and field say which",
     "401": "missing or wrong admin key (ADMIN_KEY)",
     "403": "admin_disabled: ADMIN_KEY is not set; or cross_origin",
-    "404": "unknown model, version folder, or version not loaded",
-    "405": "admin routes take POST",
+    "404": "unknown model or version",
     "408": "the body did not arrive within BODY_TIMEOUT",
-    "409": "version_serving: the serving version cannot be unloaded; untaught_version (classifier)",
     "413": "a body over 4 KiB",
-    "422": "version_refused (sha256, onnxruntime) or gate_failed (the gate's report is in `gate`)",
+    "415": "a body sent as another media type than application/json",
     "503": "not ready, or the choice cannot be recorded in MODEL_CONTROL_DIR",
+    "504": "not done within REQUEST_TIMEOUT (waiting for another change, or a slow load): the change goes on "
+           "and GET /info shows how it ends",
+}
+ERRORS = {
+    "load": {**COMMON, "404": "unknown model or version folder",
+             "409": "load_in_progress: another request is loading this version",
+             "422": "version_refused (the folder is not what the repository allows, sha256, onnxruntime) or "
+                    "gate_failed (the gate's report is in `gate`)"},
+    "unload": {**COMMON, "404": "unknown model, or the version is not loaded",
+               "409": "version_serving: the serving version cannot be unloaded"},
+    "serve": {**COMMON, "404": "unknown model, or the version is not loaded",
+              "409": "untaught_version (classifier): the version was taught nothing; force it"},
 }
 
 
@@ -105,15 +141,16 @@ def openapi_paths(models: list[str]) -> dict:
     """The model control API in the OpenAPI document (BentoML does not route it, so it would
     not be there otherwise)."""
     error = {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}
-    answer = {"200": {"description": "done", "content": {"application/json": {"schema": {"type": "object"}}}},
-              **{status: {"description": text, "content": error} for status, text in ERRORS.items()}}
+    done = {"description": "done", "content": {"application/json": {"schema": {"type": "object"}}}}
     name = {"name": "name", "in": "path", "required": True, "schema": {"type": "string", "enum": sorted(models)}}
     version = {"name": "version", "in": "path", "required": True,
-               "schema": {"type": "string", "pattern": "^[0-9]+$"}}
+               "schema": {"type": "string", "pattern": VERSION_PATTERN, "maxLength": 20}}
 
-    def operation(summary: str, parameters: list, body: dict | None = None) -> dict:
+    def operation(action: str, summary: str, parameters: list, body: dict | None = None) -> dict:
+        answers = {"200": done, **{status: {"description": text, "content": error}
+                                   for status, text in sorted(ERRORS[action].items())}}
         op = {"tags": ["Model control (ADMIN_KEY)"], "summary": summary, "parameters": parameters,
-              "responses": answer}
+              "responses": answers}
         if body is not None:
             op["requestBody"] = {"required": False, "content": {"application/json": {"schema": {
                 "type": "object", "additionalProperties": False, **body}}}}
@@ -121,14 +158,15 @@ def openapi_paths(models: list[str]) -> dict:
 
     return {
         "/models/{name}/versions/{version}/load": operation(
-            "Verify, warm up and gate a version beside the serving one", [name, version],
+            "load", "Verify, warm up and gate a version beside the serving one", [name, version],
             {"properties": {"min_agreement": {"type": "number", "minimum": 0, "maximum": 1,
                                               "description": "default GATE_MIN_AGREEMENT"}}}),
-        "/models/{name}/versions/{version}/unload": operation("Free a version that is not serving", [name, version]),
+        "/models/{name}/versions/{version}/unload": operation("unload", "Free a version that is not serving", [name, version]),
         "/models/{name}/serve": operation(
-            "Switch to a loaded version (or roll back)", [name],
+            "serve", "Switch to a loaded version (or roll back)", [name],
             {"required": ["version"], "properties": {
-                "version": {"oneOf": [{"type": "string", "pattern": "^[0-9]+$"}, {"type": "integer", "minimum": 0}],
+                "version": {"oneOf": [{"type": "string", "pattern": VERSION_PATTERN, "maxLength": 20},
+                                      {"type": "integer", "minimum": 0, "maximum": 10 ** 20 - 1}],
                             "description": "a loaded version, e.g. \"2\""},
                 "force": {"type": "boolean", "default": False,
                           "description": "classifier: switch to a version taught nothing"}}}),

@@ -132,6 +132,8 @@ class Runtime:
         self.failure: str | None = None
         self.control = ControlFile(self.settings.control_dir, service, self.repository)
         self._changing = threading.RLock()  # one load, switch or unload at a time
+        self._loading: set[tuple[str, str]] = set()  # versions being loaded now: a second load is a 409
+        self._loading_lock = threading.Lock()
         self._loader = threading.Thread(target=self._load_all, name=f"{service}-loader", daemon=True)
         self._loader.start()
         if self.settings.workers > 1:
@@ -258,12 +260,14 @@ class Runtime:
     def _entry(self, name: str, version: str) -> repository.ModelEntry:
         """A version folder of a model this service serves, verified; ApiError otherwise."""
         self._known(name)
-        if not version.isdigit() or not (self.repository / name / version / repository.CARD_FILE).exists():
+        if not repository.is_version_name(version) or not (self.repository / name / version /
+                                                           repository.CARD_FILE).exists():
             present = [d.name for d in repository.version_dirs(self.repository / name)]
             raise ApiError(404, "version_not_found", f"model {name} has no version {shown(version)} in "
                            f"{self.repository / name}; there are {present}", field="version")
         try:
-            return repository.verify(name, self.repository / name / version, self.kind)
+            return repository.verify(name, self.repository / name / version, self.kind,
+                                     root=Path(self.settings.models_dir))
         except repository.ModelLoadError as exc:
             self.refused.setdefault(name, {})[version] = str(exc)
             raise ApiError(422, "version_refused", str(exc), field="version") from None
@@ -299,9 +303,21 @@ class Runtime:
         """Verify, load, warm up and gate a version beside the serving one (blocking: call it
         from a thread). A version that fails stays unloaded, with the reason kept for /info."""
         self._require_ready()
+        version = str(version)
+        with self._loading_lock:  # a second load of the same version does not queue behind the first
+            if (name, version) in self._loading:
+                raise ApiError(409, "load_in_progress", f"{name} version {version} is being loaded by another "
+                               "request; its answer says how it went (or GET /info after it)", field="version")
+            self._loading.add((name, version))
+        try:
+            return self._load_version(name, version, min_agreement)
+        finally:
+            with self._loading_lock:
+                self._loading.discard((name, version))
+
+    def _load_version(self, name: str, version: str, min_agreement: float | None) -> dict:
         with self._changing:
             self._catch_up()
-            version = str(version)
             loaded = self.versions.get(name, {}).get(version)
             if loaded is not None:
                 return self._state(loaded) | {"already_loaded": True}

@@ -2,8 +2,15 @@
 
 One repository per service (models/policy, models/generator, models/classifier), each laid
 out like Triton's: one folder per model, integer versions, the card (model.json) beside the
-weights. Separate repositories let the generator and the classifier both ship a `fashion`. A version folder counts only once its card exists (the training tools
-write the card last), so a half-written export is never picked up.
+weights. Separate repositories let the generator and the classifier both ship a `fashion`. A
+version folder counts only once its card exists (the training tools write the card last), so a
+half-written export is never picked up.
+
+What a version may be (an admin can load any folder, so each is checked before onnxruntime sees it):
+a name of 1 to 20 ASCII digits; the folder, its card and its model file inside MODELS_DIR once
+symlinks are followed (a symlink to another version's file is fine); the card's `file` a plain file
+name; the model file's sha256 the card's; and no tensor kept in external data, whose bytes the
+sha256 would not cover.
 """
 
 from __future__ import annotations
@@ -11,12 +18,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from services.runtime import onnx_scan
+
 MODEL_FILE = "model.onnx"
 CARD_FILE = "model.json"
+VERSION_NAME = re.compile(r"[0-9]{1,20}")  # ASCII only: str.isdigit() also takes "١", "²" and "２"
 
 
 class ModelLoadError(RuntimeError):
@@ -60,11 +71,15 @@ def write_json_atomic(path: Path, data) -> None:
         raise
 
 
+def is_version_name(name) -> bool:
+    return isinstance(name, str) and VERSION_NAME.fullmatch(name) is not None
+
+
 def version_dirs(model_dir: Path) -> list[Path]:
     """Integer-named version folders that hold a card, oldest first."""
     if not model_dir.is_dir():
         return []
-    found = [p for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit() and (p / CARD_FILE).exists()]
+    found = [p for p in model_dir.iterdir() if is_version_name(p.name) and p.is_dir() and (p / CARD_FILE).exists()]
     return sorted(found, key=lambda p: int(p.name))
 
 
@@ -80,6 +95,8 @@ def resolve(repository: Path, name: str, pinned: str | None = None,
     """The pinned version of a model, or its newest; verified against its card."""
     model_dir = Path(repository) / name
     if pinned:
+        if not is_version_name(pinned):
+            raise ModelLoadError(f"model {name}: pinned version {pinned[:30]!r} is not a version name (1 to 20 digits)")
         version_dir = model_dir / pinned
         if not (version_dir / CARD_FILE).exists():
             raise ModelLoadError(f"model {name}: pinned version {pinned} has no {CARD_FILE} in {version_dir}")
@@ -88,27 +105,56 @@ def resolve(repository: Path, name: str, pinned: str | None = None,
         if not versions:
             raise ModelLoadError(f"model {name}: no version folder with a {CARD_FILE} under {model_dir}")
         version_dir = versions[-1]
-    return verify(name, version_dir, kind)
+    return verify(name, version_dir, kind, root=Path(repository).parent)
 
 
-def verify(name: str, version_dir: Path, kind: str | tuple[str, ...] | None = None) -> ModelEntry:
+def verify(name: str, version_dir: Path, kind: str | tuple[str, ...] | None = None,
+           root: Path | None = None) -> ModelEntry:
+    """The version folder's entry once it is all that the module docstring asks; ModelLoadError
+    naming what is not. `root` is MODELS_DIR (default: the folder three levels up)."""
+    version_dir = Path(version_dir)
+    root = Path(root) if root is not None else version_dir.parents[2]
+    _inside(name, root, version_dir)
+    _inside(name, root, version_dir / CARD_FILE)
     card = _read_card(version_dir / CARD_FILE)
     kinds = (kind,) if isinstance(kind, str) else kind
     if kinds is not None and card.get("kind") not in kinds:
         raise ModelLoadError(f"model {name}: card {version_dir / CARD_FILE} is of kind {card.get('kind')!r}, "
                              f"this repository serves {' or '.join(map(repr, kinds))}")
-    model_path = version_dir / card.get("file", MODEL_FILE)
+    file = card.get("file", MODEL_FILE)
+    if not isinstance(file, str) or file in ("", ".", "..") or "/" in file or "\\" in file or "\0" in file:
+        raise ModelLoadError(f"model {name}: card {version_dir / CARD_FILE}: its file {str(file)[:100]!r} must be "
+                             f"a file name in the version folder, not a path")
+    model_path = version_dir / file
+    _inside(name, root, model_path)
     expected = card.get("sha256")
     if not expected:
         raise ModelLoadError(f"model {name}: card {version_dir / CARD_FILE} has no sha256")
     if not model_path.is_file():
         raise ModelLoadError(f"model {name}: {model_path} is missing")
-    actual = sha256_file(model_path)
+    data = model_path.read_bytes()  # read once: the bytes hashed are the bytes scanned
+    actual = hashlib.sha256(data).hexdigest()
     if actual != expected:
         raise ModelLoadError(
             f"model {name}: {model_path} sha256 {actual[:12]}... does not match its card ({expected[:12]}...)"
         )
+    try:
+        external = onnx_scan.external_tensors(data)
+    except onnx_scan.NotOnnx as exc:
+        raise ModelLoadError(f"model {name}: {model_path} is not a valid ONNX file: {exc}") from None
+    if external:
+        raise ModelLoadError(f"model {name}: {model_path} keeps tensors in external data ({', '.join(external[:3])}"
+                             f"{', ...' if len(external) > 3 else ''}), which its sha256 does not cover; "
+                             "export the weights inside model.onnx")
     return ModelEntry(name=name, version=version_dir.name, path=model_path, card=card)
+
+
+def _inside(name: str, root: Path, path: Path) -> None:
+    """`path`, symlinks followed, must stay under MODELS_DIR (also resolved)."""
+    real, top = Path(os.path.realpath(path)), Path(os.path.realpath(root))
+    if real != top and top not in real.parents:
+        raise ModelLoadError(f"model {name}: {path} leads outside MODELS_DIR ({root}) to {real}; a version's "
+                             "files must be inside it (a symlink to another version's file is fine)")
 
 
 def _read_card(path: Path) -> dict:
