@@ -112,7 +112,7 @@ class Settings:
     body_timeout: float = 60.0         # seconds to receive a request body (408 after)
     header_timeout: float = 10.0       # seconds to receive a request's headers (the connection closes after)
     allowed_origins: tuple[str, ...] = ()     # web pages allowed to call POST endpoints (CORS); "*": any
-    allowed_hosts: tuple[str, ...] = ("*",)   # Host headers served; "*": any
+    allowed_hosts: tuple[str, ...] = ()       # Host names served; "*": any; (): localhost names on loopback
     admin_key: str | None = None       # bearer key of the model control endpoints; unset: they are off
     gate_min_agreement: float = 0.9    # a new version must agree this much with the serving one
     gate_quality_tolerance: float = 0.05  # a new version's card figure may be this much worse (a fraction)
@@ -152,7 +152,7 @@ class Settings:
             body_timeout=_positive("BODY_TIMEOUT", cls.body_timeout),
             header_timeout=_positive("HEADER_TIMEOUT", cls.header_timeout),
             allowed_origins=_list("ALLOWED_ORIGINS", ()),
-            allowed_hosts=_list("ALLOWED_HOSTS", ("*",)),
+            allowed_hosts=_list("ALLOWED_HOSTS", ()),
             admin_key=os.environ.get("ADMIN_KEY") or None,
             gate_min_agreement=_fraction("GATE_MIN_AGREEMENT", cls.gate_min_agreement),
             gate_quality_tolerance=_fraction("GATE_QUALITY_TOLERANCE", cls.gate_quality_tolerance, maximum=10.0),

@@ -1,7 +1,10 @@
 """The HTTP layer every service shares, as one ASGI middleware around BentoML's app:
 
-- Hosts: with ALLOWED_HOSTS set, a request whose Host header is not listed gets 400 (a DNS
-  rebinding page cannot reach the service by a name of its own). Health probes are exempt.
+- Hosts: a request whose Host header names a host the service does not answer to gets 400, so
+  a DNS rebinding page (its name pointed at the service) cannot reach it by a name of its own.
+  ALLOWED_HOSTS lists them; unset, a connection that arrived on a loopback address takes only
+  `localhost` names, and one on another interface any. IP literals are always answered (no DNS
+  name, no rebinding), and health probes are exempt.
 - Cross-origin: a state-changing request (POST ...) whose Origin is not the service's own
   gets 403 unless ALLOWED_ORIGINS lists it; listed origins get CORS headers and preflight
   answers. So with default settings no web page can teach, forget or import.
@@ -29,7 +32,8 @@
 from __future__ import annotations
 
 import asyncio
-import hmac
+import functools
+import ipaddress
 import json
 import logging
 from urllib.parse import urlsplit
@@ -45,6 +49,7 @@ from services.runtime.openapi import describe_arrays, describe_errors
 
 OPEN_METHODS = {"GET", "HEAD", "OPTIONS"}
 PROBES = {"/livez", "/healthz", "/readyz", "/metrics"}
+KNOWN_PATHS = PROBES | {"/", "/docs.json", "/docs-init.js", "/info"}  # besides the endpoints, /ui and /models
 log = logging.getLogger("services.http")
 
 # BentoML's own page loads Google Tag Manager; this one loads only BentoML's bundled Swagger UI,
@@ -72,7 +77,7 @@ class ServiceHttp:
                  json_routes: dict[str, tuple[str, ...]] | None = None, error_statuses: dict[str, str] | None = None,
                  array_routes: dict[str, dict] | None = None):
         self.app, self.service, self.max_body_bytes = app, service, settings.max_body_bytes
-        self.api_key = settings.api_key.encode() if settings.api_key else None
+        self.api_key = admin.key_bytes(settings.api_key) if settings.api_key else None
         self.admin_key = settings.admin_key
         self.body_limits = body_limits or {}  # route -> its own limit (the classifier's /state/import)
         self.json_routes = json_routes or {}  # route -> the media types its body may have, JSON first
@@ -88,7 +93,7 @@ class ServiceHttp:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         method, path = scope["method"], scope["path"].rstrip("/") or "/"
-        send = self.access.wrap(scope, send)
+        send = _with_headers(self.access.wrap(scope, send), NOSNIFF)
 
         if path not in PROBES and not self._host_allowed(scope):
             return await self._error(send, 400, "invalid_host", f"Host {shown(_header(scope, b'host'))} is not in "
@@ -97,7 +102,8 @@ class ServiceHttp:
         listed = origin is not None and ("*" in self.allowed_origins or origin.rstrip("/").lower()
                                          in self.allowed_origins)
         if listed:
-            send = _with_cors(send, origin)
+            send = _with_headers(send, [(b"access-control-allow-origin", origin.encode("latin-1")),
+                                        (b"vary", b"Origin")])
         if method == "OPTIONS" and origin is not None and _header(scope, b"access-control-request-method"):
             if listed:
                 return await _send_bytes(send, 204, b"", "text/plain", [
@@ -210,20 +216,34 @@ class ServiceHttp:
             admin.authorize(self.admin_key, _header(scope, b"authorization"))
             if origin is not None and not listed and not _same_origin(origin, scope):
                 return await self._cross_origin(send, origin)
-            body, complete = await asyncio.wait_for(self._read_body(receive, admin.MAX_BODY), self.body_timeout)
+            try:
+                body, complete = await asyncio.wait_for(self._read_body(receive, admin.MAX_BODY),
+                                                        self.body_timeout)
+            except asyncio.TimeoutError:
+                return await self._error(send, 408, "body_timeout", f"the request body did not arrive within "
+                                         f"{self.body_timeout:g} s (BODY_TIMEOUT)")
             if not complete:
                 return await self._too_large(send, admin.MAX_BODY)
+            media_type = _media_type(scope)
+            if body.strip() and media_type not in ("application/json", ""):  # no type: JSON, as before
+                raise ApiError(415, "unsupported_media_type", f"send the body as application/json, not "
+                               f"{shown(media_type or 'no content type')}", field="Content-Type")
             action, name, args = admin.parse(method, path, body)
             instance = bentoml.get_current_service()
             if instance is None:
                 raise ApiError(503, "not_ready", "the service is starting")
-            answer = await admin.run(instance.runtime, action, name, args)
+            # A load or switch runs on a thread and cannot be stopped halfway: past REQUEST_TIMEOUT
+            # the client gets a 504 saying so, and the change ends on its own.
+            change = asyncio.ensure_future(admin.run(instance.runtime, action, name, args))
+            try:
+                answer = await asyncio.wait_for(asyncio.shield(change), self.request_timeout)
+            except asyncio.TimeoutError:
+                change.add_done_callback(lambda done: done.cancelled() or done.exception())  # retrieved, not logged
+                raise ApiError(504, "timeout", f"{action} of {name} was not done within {self.request_timeout:g} s "
+                               "(REQUEST_TIMEOUT); it goes on, and GET /info shows how it ends") from None
         except ApiError as exc:
             headers = [(b"www-authenticate", b"Bearer")] if exc.status == 401 else ()
             return await self._error(send, exc.status, exc.code, exc.message, exc.field, headers, **exc.extra)
-        except asyncio.TimeoutError:
-            return await self._error(send, 408, "body_timeout", f"the request body did not arrive within "
-                                     f"{self.body_timeout:g} s (BODY_TIMEOUT)")
         logging.getLogger("services.runtime").info("%s: admin %s %s -> %s", self.service, method, path,
                                                    {k: v for k, v in answer.items() if k != "gate"})
         await _send_json(send, 200, answer)
@@ -242,15 +262,17 @@ class ServiceHttp:
     def _host_allowed(self, scope) -> bool:
         if "*" in self.allowed_hosts:
             return True
-        host = (_header(scope, b"host") or "").lower()
-        name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+        name = _host_name(_header(scope, b"host") or "")
+        if _is_ip_literal(name):
+            return True
+        if not self.allowed_hosts:  # unset: on loopback, only loopback names
+            server = scope.get("server") or ("", 0)
+            return not name or not _is_loopback(server[0]) or name == "localhost" or name.endswith(".localhost")
         return any(name == h or (h.startswith(".") and (name.endswith(h) or name == h[1:]))
                    for h in self.allowed_hosts)
 
     def _authorized(self, scope) -> bool:
-        header = _header(scope, b"authorization") or ""
-        scheme, _, token = header.partition(" ")
-        return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), self.api_key)
+        return admin.bearer_matches(_header(scope, b"authorization"), self.api_key)
 
     async def _read_body(self, receive, limit: int) -> tuple[bytes, bool]:
         chunks, size = [], 0
@@ -298,6 +320,36 @@ def _header(scope, name: bytes) -> str | None:
     return None
 
 
+NOSNIFF = [(b"x-content-type-options", b"nosniff")]  # a JSON answer is never run as a script or page
+
+
+def _host_name(host: str) -> str:
+    """The name in a Host header: "evil.example:3003" -> "evil.example", "[::1]:3000" -> "::1"."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[1:host.find("]")] if "]" in host else host
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
+@functools.lru_cache(maxsize=1024)
+def _is_ip_literal(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
+
+
+@functools.lru_cache(maxsize=64)
+def _is_loopback(address: str) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return ip.is_loopback or (mapped is not None and mapped.is_loopback)
+
+
 def _media_type(scope) -> str:
     return (_header(scope, b"content-type") or "").split(";")[0].strip().lower()
 
@@ -325,12 +377,10 @@ def _rewriting_json(send, rewrite):
     return _buffered(send, lambda status: status == 200, lambda status, body: rewrite(json.loads(body)))
 
 
-def _with_cors(send, origin: str):
+def _with_headers(send, headers: list):
     async def wrapped(message):
         if message["type"] == "http.response.start":
-            message = {**message, "headers": [*message.get("headers", []),
-                                              (b"access-control-allow-origin", origin.encode("latin-1")),
-                                              (b"vary", b"Origin")]}
+            message = {**message, "headers": [*message.get("headers", []), *headers]}
         await send(message)
 
     return wrapped
