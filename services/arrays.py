@@ -12,6 +12,7 @@ errors are always JSON.
 from __future__ import annotations
 
 import io
+import math
 
 import numpy as np
 from starlette.responses import Response
@@ -21,28 +22,42 @@ from services.runtime.errors import ApiError, bad_request, clip, shown
 NPY = "application/x-npy"
 JSON = "application/json"
 MAGIC = b"\x93NUMPY"
+MAX_HEADER = 10_000  # numpy's own default limit on a header's length
+READERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
 
 
 def read_npy(body: bytes, field: str = "body") -> np.ndarray:
-    """A request body holding one .npy array of numbers; a 400 naming what is wrong otherwise."""
+    """A request body holding one .npy array of numbers; a 400 naming what is wrong otherwise.
+
+    The header is read first and checked against the bytes that follow it: the array is a view
+    of the body, so a header declaring a billion rows over a few bytes allocates nothing. Any
+    byte order, Fortran order and float16 are read as they are (the model's input dtype is made
+    later); structured, object and 0-d arrays are refused."""
     if not body.startswith(MAGIC):
         raise bad_request("invalid_npy", "the body is not a .npy file (numpy.save's format, starting with "
                           "\\x93NUMPY)", field)
     stream = io.BytesIO(body)
     try:
-        array = np.load(stream, allow_pickle=False)
-    except ValueError as exc:
-        reason = "object (pickled) arrays are not accepted" if "pickle" in str(exc) else clip(str(exc), 200)
-        raise bad_request("invalid_npy", f"cannot read the .npy body: {reason}", field) from None
-    except (OSError, EOFError, SyntaxError, TypeError) as exc:
-        raise bad_request("invalid_npy", f"cannot read the .npy body: {clip(str(exc), 200)}", field) from None
-    if stream.tell() != len(body):
-        raise bad_request("invalid_npy", f"{len(body) - stream.tell()} bytes follow the array: send one array "
-                          "per body", field)
-    if array.dtype.kind not in "iuf":
-        raise bad_request("invalid_dtype", f"the array must hold numbers (float or integer), not {array.dtype}",
-                          field)
-    return array
+        version = np.lib.format.read_magic(stream)
+        if version not in READERS:
+            raise ValueError(f".npy format version {version[0]}.{version[1]} is not read here (1.0 and 2.0 are)")
+        shape, fortran_order, dtype = READERS[version](stream, max_header_size=MAX_HEADER)
+    except (ValueError, OSError, EOFError, SyntaxError, TypeError) as exc:
+        raise bad_request("invalid_npy", f"cannot read the .npy header: {clip(str(exc), 200)}", field) from None
+    if dtype.hasobject:
+        raise bad_request("invalid_npy", "cannot read the .npy body: object (pickled) arrays are not accepted", field)
+    if dtype.kind not in "iuf" or dtype.fields is not None or dtype.subdtype is not None:
+        raise bad_request("invalid_dtype", f"the array must hold numbers (float or integer), not {dtype}", field)
+    if len(shape) == 0:
+        raise bad_request("invalid_shape", "the array has no dimensions (0-d); send rows [N, ...]", field)
+    count = math.prod(shape)  # Python ints: no overflow however large the declared shape
+    expected, held = count * dtype.itemsize, len(body) - stream.tell()
+    if held != expected:
+        what = "bytes follow the array: send one array per body" if held > expected else "bytes are missing"
+        raise bad_request("invalid_npy", f"the header declares shape {shown(shape)} of {dtype} ({expected} bytes) but "
+                          f"{held} bytes follow it: {abs(held - expected)} {what}", field)
+    array = np.frombuffer(body, dtype=dtype, count=count, offset=stream.tell())
+    return array.reshape(shape, order="F" if fortran_order else "C")
 
 
 def npy_bytes(array: np.ndarray) -> bytes:
