@@ -34,7 +34,8 @@ def test_bentoml_stack_without_access_log_and_unconfigured_tracing():
     stack, media = middleware_stack({})
     names = stack.split(",")
     assert "OpenTelemetryMiddleware" not in names and "AccessLogMiddleware" not in names
-    assert {"RunnerTrafficMetricsMiddleware", "TimeoutMiddleware", "ServiceHttp"} <= set(names)  # the rest stays
+    # the rest stays, BentoML's request metrics wrapped to label requests by route
+    assert {"BoundedPathMetrics", "TimeoutMiddleware", "ServiceHttp"} <= set(names)
     assert media == "act=application/json"  # worked out once, as BentoML would per answer
 
 
