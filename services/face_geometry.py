@@ -223,10 +223,11 @@ def detections(boxes: np.ndarray, scores: np.ndarray, size: Size, min_confidence
         if not keep or box_iou(boxes[i], boxes[keep]).max() <= iou:
             keep.append(int(i))
 
-    # computeReshapedDimensions: the photo's size in the 512 square, rounded to whole pixels
+    # computeReshapedDimensions: the photo's size in the 512 square, rounded to whole pixels (at
+    # least one: a 20000x1 strip's width rounds to 0, where face-api divides by zero)
     scale = DETECTOR_SIZE / max(size.width, size.height)
-    pad_x = DETECTOR_SIZE / round_half_up(size.width * scale)
-    pad_y = DETECTOR_SIZE / round_half_up(size.height * scale)
+    pad_x = DETECTOR_SIZE / max(1, round_half_up(size.width * scale))
+    pad_y = DETECTOR_SIZE / max(1, round_half_up(size.height * scale))
     faces = []
     for i in keep:
         x0, y0, x1, y1 = boxes[i]

@@ -13,6 +13,7 @@ from services.runtime.config import _int
 from services.runtime.errors import shown
 
 NAME_PATTERN = re.compile(r"^[\w][\w .'@+-]*$")  # letters/digits (any script), space . ' @ + - _
+INTEGER = re.compile(r"[+-]?[0-9]{1,20}")  # ASCII digits only; 20 is past any limit's range
 BYTES_PER_IMPORTED_EXAMPLE = 12 * 1024  # a 1,536-d embedding in base64 plus its fields, with room
 
 
@@ -45,9 +46,13 @@ def import_bytes() -> int:
 
 
 def int_field(value: Any, field: str, low: int, high: int) -> int:
-    try:
-        number = int(str(value).strip())
-    except ValueError:
+    """A whole number in ASCII digits (spaces around it are dropped): Python's int() would also
+    take "١", "1_000" and a bool, which no client means as a number."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        number = value
+    elif isinstance(value, str) and INTEGER.fullmatch(value.strip(" \t")):
+        number = int(value.strip(" \t"))
+    else:
         raise bad_request("invalid_field", f"{field} must be an integer, got {shown(value, 40)}", field) from None
     if not low <= number <= high:
         raise bad_request("invalid_field", f"{field} must be between {low} and {high}, got {number}", field)
