@@ -96,6 +96,13 @@ class Matcher:
                 keep = list(range(len(cache.ids)))
             else:
                 keep = [j for j, (i, s) in enumerate(zip(cache.ids, cache.seqs)) if present.get(i) == s]
+                kept = {cache.ids[j] for j in keep}
+                if any(s <= cache.max_seq and i not in kept for i, s in present.items()):
+                    # Rows older than the cache that it never held: the store was restored from a
+                    # copy (its generation went back). Start over, or they would stay unseen.
+                    cache, keep = Cache(), []
+                    generation, _, fresh = self.store.changes(model_sha256, -1, 0)
+                    fresh = [row for row in fresh if row[3].shape == (dim,)]
             size = len(keep) + len(fresh)
             buffer = cache.buffer
             if present is not None or buffer.shape[1:] != (dim,) or len(buffer) < size:

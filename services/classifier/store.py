@@ -21,6 +21,7 @@ Embeddings are float32 little-endian bytes, unit length (state.py validates ever
 from __future__ import annotations
 
 import logging
+import os
 import re
 import threading
 import time
@@ -28,7 +29,7 @@ from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import numpy as np
 
@@ -136,6 +137,9 @@ class SqlStore:
     def _is_transient(self, exc: BaseException | None) -> bool:
         return False
 
+    def _check_place(self, write: bool) -> None:
+        pass  # SQLite: is the file still there, and writable for a change
+
     def describe(self) -> dict:
         raise NotImplementedError
 
@@ -147,6 +151,7 @@ class SqlStore:
         any error. A connection found dead at BEGIN is opened again once (nothing was sent yet);
         a failure after BEGIN is never retried: the caller gets a StoreError (HTTP 503)."""
         with self._lock:
+            self._check_place(write)
             for attempt in (1, 2):
                 connection = self._connection
                 try:
@@ -366,10 +371,17 @@ def _example(row) -> Example:
 
 
 class SQLiteStore(SqlStore):
+    """One file. Its connection would go on writing to a file deleted under it (the inode lives
+    while open) and lose every change at the next start, so each transaction first checks the
+    file: gone is a 503 until it is back, another file there (a restore) is opened afresh, and a
+    change to a file that cannot be written (read-only mode, an immutable flag, a read-only
+    disk) is a 503 while reads go on."""
+
     kind = "sqlite"
 
     def __init__(self, url: str, path: Path):
         self.path = path
+        self._opened: tuple[int, int] | None = None  # (device, inode) of the file the connection holds
         path.parent.mkdir(parents=True, exist_ok=True)
         super().__init__(url)
 
@@ -377,12 +389,33 @@ class SQLiteStore(SqlStore):
         import sqlite3
 
         # Autocommit mode: transactions are begun explicitly (BEGIN IMMEDIATE takes the write
-        # lock up front, so two workers never deadlock upgrading a read lock).
-        connection = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
+        # lock up front, so two workers never deadlock upgrading a read lock). Only the first
+        # connection may create the file: a later one finding it gone must not start empty.
+        target = f"file:{quote(str(self.path.absolute()))}?mode={'rw' if self._opened else 'rwc'}"
+        connection = sqlite3.connect(target, uri=True, timeout=30, isolation_level=None, check_same_thread=False)
         connection.execute("PRAGMA journal_mode=WAL")
         connection.execute("PRAGMA synchronous=FULL")  # an answered change is on disk
         connection.execute("PRAGMA busy_timeout=30000")
+        opened = os.stat(self.path)
+        self._opened = (opened.st_dev, opened.st_ino)
         return connection
+
+    def _check_place(self, write: bool) -> None:
+        if self._opened is None:
+            return  # the first connection creates it
+        try:
+            now = os.stat(self.path)
+        except FileNotFoundError:
+            self._drop()
+            raise StoreError(f"the database file {self.path} is gone (deleted while serving?); nothing was changed: "
+                             "put it back (a restored copy is opened at once)") from None
+        except OSError as exc:
+            raise StoreError(f"the database file {self.path} cannot be read: {exc}") from None
+        if self._connection is not None and (now.st_dev, now.st_ino) != self._opened:
+            log.info("classifier: %s was replaced (a restore?); opening it again", self.path)
+            self._drop()
+        if write and not os.access(self.path, os.W_OK):
+            raise StoreError(f"the database file {self.path} is read-only; nothing was changed (reads go on)")
 
     def _begin(self, cursor, write: bool) -> None:
         cursor.execute("BEGIN IMMEDIATE" if write else "BEGIN")
