@@ -21,8 +21,10 @@ def test_bento_holds_every_service_and_model(tmp_path):
     assert (src / "services" / "runtime" / "core.py").is_file()
     shipped = sorted(p.relative_to(ROOT) for p in MODELS.rglob("model.*") if p.suffix in (".onnx", ".json"))
     assert shipped and all((src / p).is_file() for p in shipped)
-    # What serving reads besides code and models: the gate's probe inputs and the consoles.
-    extra = [p.relative_to(ROOT) for p in [*MODELS.rglob("probes.npz"), *(ROOT / "services" / "consoles").iterdir()]]
+    # What serving reads besides code and models: the gate's probe inputs, the classifier's
+    # out-of-domain statistics and the consoles.
+    extra = [p.relative_to(ROOT) for p in [*MODELS.rglob("probes.npz"), *MODELS.rglob("domain.npz"),
+                                           *(ROOT / "services" / "consoles").iterdir()]]
     assert len(extra) > 6 and all((src / p).is_file() for p in extra), [p for p in extra if not (src / p).is_file()]
     assert not any(part.startswith(".venv") for p in src.rglob("*") for part in p.relative_to(src).parts)
     requirements = "\n".join(p.read_text() for p in (bento / "env" / "python").rglob("requirements*.txt"))

@@ -31,7 +31,7 @@ def trained(tmp_path_factory):
     """A model trained by the project's own command on 4 images per class."""
     root = tmp_path_factory.mktemp("tiny-models")
     result = run("classifier", "--name", "tiny", "--per-class", "4", "--models-dir", str(root / "classifier"), *TINY,
-                 "--calibration-pairs", "32")
+                 "--calibration-pairs", "32", "--no-domain")  # tests/test_domain.py runs that step
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return root, root / "classifier" / "tiny" / "1"
 

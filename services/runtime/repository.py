@@ -10,7 +10,8 @@ What a version may be (an admin can load any folder, so each is checked before o
 a name of 1 to 20 ASCII digits; the folder, its card and its model file inside MODELS_DIR once
 symlinks are followed (a symlink to another version's file is fine); the card's `file` a plain file
 name; the model file's sha256 the card's; and no tensor kept in external data, whose bytes the
-sha256 would not cover.
+sha256 would not cover. A contract section naming a file beside the model with its sha256 (the
+classifier's out-of-domain statistics, `contract.domain`) is checked the same way.
 """
 
 from __future__ import annotations
@@ -121,23 +122,10 @@ def verify(name: str, version_dir: Path, kind: str | tuple[str, ...] | None = No
     if kinds is not None and card.get("kind") not in kinds:
         raise ModelLoadError(f"model {name}: card {version_dir / CARD_FILE} is of kind {card.get('kind')!r}, "
                              f"this repository serves {' or '.join(map(repr, kinds))}")
-    file = card.get("file", MODEL_FILE)
-    if not isinstance(file, str) or file in ("", ".", "..") or "/" in file or "\\" in file or "\0" in file:
-        raise ModelLoadError(f"model {name}: card {version_dir / CARD_FILE}: its file {str(file)[:100]!r} must be "
-                             f"a file name in the version folder, not a path")
-    model_path = version_dir / file
-    _inside(name, root, model_path)
-    expected = card.get("sha256")
-    if not expected:
-        raise ModelLoadError(f"model {name}: card {version_dir / CARD_FILE} has no sha256")
-    if not model_path.is_file():
-        raise ModelLoadError(f"model {name}: {model_path} is missing")
-    data = model_path.read_bytes()  # read once: the bytes hashed are the bytes scanned
-    actual = hashlib.sha256(data).hexdigest()
-    if actual != expected:
-        raise ModelLoadError(
-            f"model {name}: {model_path} sha256 {actual[:12]}... does not match its card ({expected[:12]}...)"
-        )
+    model_path, data = _checked_file(name, root, version_dir, card.get("file", MODEL_FILE), card.get("sha256"), "")
+    for section, spec in (card.get("contract") or {}).items():
+        if isinstance(spec, dict) and "file" in spec:
+            _checked_file(name, root, version_dir, spec["file"], spec.get("sha256"), f"contract.{section}.")
     try:
         external = onnx_scan.external_tensors(data)
     except onnx_scan.NotOnnx as exc:
@@ -147,6 +135,27 @@ def verify(name: str, version_dir: Path, kind: str | tuple[str, ...] | None = No
                              f"{', ...' if len(external) > 3 else ''}), which its sha256 does not cover; "
                              "export the weights inside model.onnx")
     return ModelEntry(name=name, version=version_dir.name, path=model_path, card=card)
+
+
+def _checked_file(name: str, root: Path, version_dir: Path, file, expected, where: str) -> tuple[Path, bytes]:
+    """A file the card names (`where` + file): a plain name in the version folder, inside MODELS_DIR,
+    present, with the card's sha256. Returns its path and bytes (read once: hashed and then used)."""
+    card = version_dir / CARD_FILE
+    if not isinstance(file, str) or file in ("", ".", "..") or "/" in file or "\\" in file or "\0" in file:
+        raise ModelLoadError(f"model {name}: card {card}: its {where}file {str(file)[:100]!r} must be "
+                             f"a file name in the version folder, not a path")
+    path = version_dir / file
+    _inside(name, root, path)
+    if not expected:
+        raise ModelLoadError(f"model {name}: card {card} has no {where}sha256")
+    if not path.is_file():
+        raise ModelLoadError(f"model {name}: {path} is missing")
+    data = path.read_bytes()
+    actual = hashlib.sha256(data).hexdigest()
+    if actual != expected:
+        raise ModelLoadError(f"model {name}: {path} sha256 {actual[:12]}... does not match its card ({where}sha256 "
+                             f"{str(expected)[:12]}...)")
+    return path, data
 
 
 def _inside(name: str, root: Path, path: Path) -> None:
