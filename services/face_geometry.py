@@ -296,3 +296,26 @@ def landmark_points(landmarks_rel: np.ndarray, t: Crop) -> np.ndarray:
     """
     pad = np.array([t.side - t.width, t.side - t.height]) / 2
     return landmarks_rel.astype(np.float64) * t.side - pad + np.array([t.x, t.y])
+
+
+# --- the animal check (an ImageNet classifier on the face's surroundings) ---------------------
+
+ANIMAL_SIZE = 224   # the ImageNet classifier's input side
+ANIMAL_GROW = 1.6   # the square it sees: 1.6 times the box's longer side, so ears and snout are in view
+ANIMAL_MEAN, ANIMAL_STD = 0.498, 0.502  # EfficientNet-Lite's normalisation, every channel
+
+
+def animal_input(rgb: np.ndarray, boxes) -> np.ndarray:
+    """uint8 [H, W, 3] photo and face boxes (x0, y0, x1, y1) -> float32 [N, 3, 224, 224]: a square
+    ANIMAL_GROW times each box's longer side around its centre (black past the photo's edges),
+    resized with PIL's antialiased bilinear filter, normalised."""
+    from PIL import Image
+
+    photo = Image.fromarray(np.ascontiguousarray(rgb))
+    out = []
+    for x0, y0, x1, y1 in boxes:
+        cx, cy, half = (x0 + x1) / 2, (y0 + y1) / 2, max(x1 - x0, y1 - y0, 1.0) * ANIMAL_GROW / 2
+        square = photo.crop(tuple(int(round(v)) for v in (cx - half, cy - half, cx + half, cy + half)))
+        out.append(np.asarray(square.resize((ANIMAL_SIZE, ANIMAL_SIZE), Image.Resampling.BILINEAR), np.float32))
+    x = (np.stack(out) / 255 - ANIMAL_MEAN) / ANIMAL_STD
+    return x.transpose(0, 3, 1, 2).astype(np.float32)

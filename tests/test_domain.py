@@ -152,14 +152,14 @@ def test_a_version_whose_statistics_do_not_match_their_sha256_is_refused(tmp_pat
 
 
 def test_a_runtime_with_tampered_statistics_is_not_ready(tmp_path):
-    from services.classifier.faces import FACE_KINDS
+    from services.classifier.faces import KINDS
     from services.runtime import Runtime
     from services.runtime.config import Settings
 
     shutil.copytree(VERSION_DIR, tmp_path / "classifier" / "fashion" / "1")
     statistics = tmp_path / "classifier" / "fashion" / "1" / "domain.npz"
     statistics.write_bytes(statistics.read_bytes()[:-10])
-    runtime = Runtime("classifier", ("classifier", *FACE_KINDS), Settings(models_dir=tmp_path))
+    runtime = Runtime("classifier", KINDS, Settings(models_dir=tmp_path))
     assert runtime.wait(120) is False
     assert "contract.domain" in str(runtime.failure), runtime.failure
 

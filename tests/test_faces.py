@@ -13,7 +13,7 @@ import pytest
 import requests
 from PIL import Image
 
-from conftest import MODELS, running_service
+from conftest import MODELS, error_of, running_service
 from services import face_geometry, imaging
 
 FIXTURES = Path(__file__).parent / "fixtures" / "faces"
@@ -294,3 +294,64 @@ def assert_same_network(made: Path, shipped: Path) -> None:
     for key, value in weights_b.items():
         np.testing.assert_allclose(weights_a[key].astype(np.float64), value.astype(np.float64), rtol=1e-6, atol=1e-6,
                                    err_msg=key)
+
+
+# --- a cat is not a person (the animal check) -------------------------------------------------
+
+
+def cat() -> list:
+    import skimage.data
+
+    return [("images", ("cat.jpg", jpeg(skimage.data.chelsea(), quality=92), "image/jpeg"))]
+
+
+def test_a_cat_is_not_a_face_anywhere(server):
+    """face-api's detector alone finds a face in scikit-image's cat at 0.93; the animal check drops it."""
+    body = post(server, "/faces/detect", cat()).json()
+    assert body["faces"] == [[]], body
+    (animal,) = body["animals"][0]
+    assert animal["animal"] > 0.5 and animal["score"] > 0.9 and "cat" in animal["looks_like"]
+    error = error_of(post(server, "/teach", cat(), {"name": "Chelsea"}), 422)
+    assert error["code"] == "no_face"
+    taught = requests.post(f"{server.url}/taught", json={"model": "faces"}, timeout=30).json()["names"]
+    assert "Chelsea" not in [n["name"] for n in taught]
+    assert post(server, "/check", cat()).json()["results"][0]["faces"] == []
+    people = post(server, "/faces/detect", images("obama", "group_1", "group_2")).json()
+    assert [len(f) for f in people["faces"]] == [1, 3, 3] and people["animals"] == [[], [], []]
+
+
+def test_the_animal_check_can_be_turned_off(tmp_path):
+    env = {"TEACH_STORE": f"sqlite:///{tmp_path / 't.db'}", "FACE_ANIMAL_THRESHOLD": "1"}
+    with running_service("classifier", tmp_path, env=env) as server:
+        body = post(server, "/faces/detect", cat()).json()
+        info = requests.get(f"{server.url}/info", timeout=30).json()
+    assert len(body["faces"][0]) == 1 and body["animals"] == [[]]
+    assert info["limits_images"]["face_animal_threshold"] == 1.0
+
+
+def test_the_animal_check_card_records_precision_and_recall():
+    card = json.loads((REPOSITORY / "face_animal_check" / "1" / "model.json").read_text())
+    faces = card["metrics"]["faces"]
+    assert faces["detector_alone"]["precision"] < 0.6 and faces["detector_alone"]["recall"] == 1.0
+    assert faces["with_animal_check"] == {**faces["with_animal_check"], "precision": 1.0, "recall": 1.0}
+    assert faces["animal_share_on_people_max"] < 0.5 < faces["animal_share_on_false_faces_min"]
+    assert faces["parity_max_abs_diff_probabilities"] < 0.01
+    assert (REPOSITORY / "face_animal_check" / "1" / "model.onnx").stat().st_size < 10_000_000
+    assert card["licence"]["weights"].startswith("Apache-2.0")
+
+
+@pytest.mark.slow
+def test_the_animal_check_command_reproduces_the_shipped_card(tmp_path):
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "training", "animal-check", "--version", "1", "--models-dir",
+                             str(tmp_path)], cwd=Path(__file__).parents[1], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ours = json.loads((tmp_path / "face_animal_check" / "1" / "model.json").read_text())
+    shipped = json.loads((REPOSITORY / "face_animal_check" / "1" / "model.json").read_text())
+    for key in ("detector_alone", "with_animal_check", "photos_where_the_detector_counts_differently"):
+        assert ours["metrics"]["faces"][key] == shipped["metrics"]["faces"][key], key
+    assert ours["contract"] == shipped["contract"]
+    assert abs(ours["metrics"]["faces"]["animal_share_on_false_faces_min"] -
+               shipped["metrics"]["faces"]["animal_share_on_false_faces_min"]) < 0.01

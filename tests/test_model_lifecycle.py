@@ -428,8 +428,9 @@ def test_the_classifier_gate_keeps_the_labels_clients_read(tmp_path, monkeypatch
     shutil.copytree(Path(__file__).resolve().parent.parent / "models" / "classifier", models / "classifier")
     card_edited(models, "classifier", "fashion", "2", lambda card: card["contract"]["labels"].reverse())
     renamed_copy(models, "classifier", "fashion", "3")
-    runtime = in_process_runtime(models, tmp_path, "classifier",
-                                 ("classifier", "face_descriptor", "face_detector", "face_landmarks"), monkeypatch)
+    from services.classifier.faces import KINDS
+
+    runtime = in_process_runtime(models, tmp_path, "classifier", KINDS, monkeypatch)
     with pytest.raises(ApiError) as relabelled:
         runtime.load_version("fashion", "2")
     assert relabelled.value.code == "gate_failed" and "contract.labels" in relabelled.value.message

@@ -9,6 +9,7 @@
   domain      fit and calibrate the classifier's out-of-domain check (training/domain.py)
   evidence    pretrained vs scratch at 10, 100 and all images per class (training/evidence.py)
   faces       port face-api's face networks to ONNX, check them against face-api and dlib (training/faces/)
+  animal-check  export the face pipeline's "is it an animal?" check (training/faces/animals.py)
   probes      record the inputs a new model version is gated on (training/probes.py)
 """
 
@@ -17,7 +18,7 @@ import sys
 
 COMMANDS = {"policy": "training.policy", "pixel-policy": "training.pixel_policy", "play": "training.play", "gan": "training.gan", "cgan": "training.cgan",
             "classifier": "training.classifier", "domain": "training.domain", "evidence": "training.evidence",
-            "faces": "training.faces.export", "probes": "training.probes"}
+            "faces": "training.faces.export", "animal-check": "training.faces.animals", "probes": "training.probes"}
 
 
 def main() -> None:

@@ -1,4 +1,4 @@
-"""Faces on the classifier's runtime: detect -> landmarks -> align -> describe.
+"""Faces on the classifier's runtime: detect -> not an animal? -> landmarks -> align -> describe.
 
     faces = await pipeline.find(rgb)                   # boxes, scores, 68 landmarks, biggest first
     descriptors = await pipeline.describe(rgb, faces)  # float32 [len(faces), 128]
@@ -6,7 +6,9 @@
 Three ONNX networks from models/classifier/ (kinds face_detector, face_landmarks and
 face_descriptor), each run through the runtime's batcher, so concurrent requests share
 batches; the geometry between them (services/face_geometry.py) is the code training's
-parity checks use.
+parity checks use. A fourth, when loaded (kind face_animal_check: an ImageNet classifier),
+looks at the square around each detected face and drops those it sees as an animal: the
+detector alone takes a cat's face for a person's.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from services.runtime import ApiError
 from services.runtime.config import _float, _int
 
 FACE_KINDS = ("face_detector", "face_landmarks", "face_descriptor")
+ANIMAL_KIND = "face_animal_check"  # optional: without it every detection counts
+KINDS = ("classifier", *FACE_KINDS, ANIMAL_KIND)  # what the classifier's repository serves
 
 
 @dataclass(frozen=True, eq=False)  # compared by identity
@@ -48,11 +52,17 @@ class FaceLimits:
         self.min_score = _float("FACE_MIN_SCORE", 0.5)       # detections below are not faces
         self.min_size = _int("FACE_MIN_SIZE", 40, minimum=1)  # pixels; smaller faces are found, not used
         self.max_faces = _int("FACE_MAX_FACES", 20, minimum=1)  # per photo, biggest first
+        # A detection whose surroundings the animal check gives at least this share of ImageNet's
+        # animal classes is not a face (NaN: the card's threshold; 1 turns the check off).
+        self.animal_threshold = _float("FACE_ANIMAL_THRESHOLD", float("nan"))
         if not 0 < self.min_score < 1:
             raise ValueError(f"FACE_MIN_SCORE={self.min_score} must be between 0 and 1")
+        if not (np.isnan(self.animal_threshold) or 0 < self.animal_threshold <= 1):
+            raise ValueError(f"FACE_ANIMAL_THRESHOLD={self.animal_threshold} must be in (0, 1]")
 
     def describe(self) -> dict:
-        return {"face_min_score": self.min_score, "face_min_size": self.min_size, "face_max_faces": self.max_faces}
+        return {"face_min_score": self.min_score, "face_min_size": self.min_size, "face_max_faces": self.max_faces,
+                "face_animal_threshold": None if np.isnan(self.animal_threshold) else self.animal_threshold}
 
 
 class FacePipeline:
@@ -72,12 +82,24 @@ class FacePipeline:
             raise ApiError(503, "faces_unavailable", f"no {kind} model is loaded: add the face networks under "
                            f"{self.runtime.repository} (python -m training faces)", "model") from None
 
-    async def find(self, rgb: np.ndarray) -> list[Face]:
-        """Every face in one photo, biggest first (at most FACE_MAX_FACES)."""
+    def animal_check(self):
+        """The loaded animal check and its threshold, or None (not loaded, or turned off)."""
+        check = next((m for m in self.runtime.models.values() if m.card.get("kind") == ANIMAL_KIND), None)
+        if check is None:
+            return None
+        threshold = self.limits.animal_threshold
+        threshold = float(check.card["contract"]["threshold"]) if np.isnan(threshold) else threshold
+        return None if threshold >= 1 else (check, threshold)
+
+    async def find(self, rgb: np.ndarray, animals: list | None = None) -> list[Face]:
+        """Every face in one photo, biggest first (at most FACE_MAX_FACES). Detections the animal
+        check refuses are left out, and described in `animals` when a list is given."""
         detector, landmarker = self.model("face_detector"), self.model("face_landmarks")
         net_input, frame = await asyncio.to_thread(face_geometry.detector_input, rgb)
         boxes, scores = await detector(net_input)
         found = face_geometry.faces_found(boxes[0], scores[0], frame, self.limits.min_score, self.limits.max_faces)
+        if found and (animal_check := self.animal_check()) is not None:
+            found = await self.not_animals(rgb, found, *animal_check, animals)
         if not found:
             return []
         # the landmark net gets the detector's box as face-api gives it (x, y, width, height)
@@ -87,6 +109,19 @@ class FacePipeline:
         return [Face((float(x0), float(y0), float(x1), float(y1)), float(score),
                      face_geometry.landmark_points(points, crop))
                 for (x0, y0, x1, y1, score), (_, crop), points in zip(found, crops, relative)]
+
+    async def not_animals(self, rgb: np.ndarray, found: list, check, threshold: float, animals: list | None) -> list:
+        squares = await asyncio.to_thread(face_geometry.animal_input, rgb, [f[:4] for f in found])
+        outputs = dict(zip(check.output_names, await check(squares)))
+        labels = check.card["contract"]["labels"]
+        kept = []
+        for face, share, probabilities in zip(found, outputs["animal"], outputs["probabilities"]):
+            if share < threshold:
+                kept.append(face)
+            elif animals is not None:
+                animals.append({"box": [round(float(v), 1) for v in face[:4]], "score": round(float(face[4]), 4),
+                                "animal": round(float(share), 4), "looks_like": labels[int(probabilities.argmax())]})
+        return kept
 
     async def describe(self, rgb: np.ndarray, faces: list[Face], descriptor) -> np.ndarray:
         """Unit-length 128-d descriptors of the given faces of one photo (dlib's chips; `descriptor`

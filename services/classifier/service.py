@@ -44,7 +44,7 @@ from services.classifier import state as taught_state
 from services.classifier.domains import Domains
 from services.classifier.limits import Limits, check_name, import_bytes, int_field
 from services.classifier.matching import Matcher
-from services.classifier.faces import FACE_KINDS, Face, FaceLimits, FacePipeline
+from services.classifier.faces import KINDS, Face, FaceLimits, FacePipeline
 from services.classifier.store import Example, StoreError, TooManyExamples, open_store
 from services.classifier.uploads import (CheckUpload, ClassifyUpload, DetectUpload, EmbedUpload, SimilarUpload,
                                          TeachUpload, decode_batch, decode_photos)
@@ -82,7 +82,7 @@ def face_distance(similarity: float) -> float:
 @bentoml.service(name=SERVICE, **service_options(SERVICE))
 class Classifier:
     def __init__(self) -> None:
-        self.runtime = Runtime(service=SERVICE, kind=("classifier", *FACE_KINDS))
+        self.runtime = Runtime(service=SERVICE, kind=KINDS)
         self.runtime.on_load.append(self.prepare_search)
         self.domains = Domains()
         self.runtime.on_load.append(self.domains.check)  # read a version's out-of-domain statistics before it serves
@@ -290,9 +290,12 @@ class Classifier:
         if problem is not None:
             raise problem
         detector = self.faces.model("face_detector")
-        found = [await self.faces.find(rgb) for rgb in await self.photos(images)]
+        found, animals = [], []  # per photo: its faces, and the detections the animal check refused
+        for rgb in await self.photos(images):
+            animals.append([])
+            found.append(await self.faces.find(rgb, animals[-1]))
         return {"faces": [[dict(f.describe(landmarks=True), usable=bool(f.size >= self.faces.limits.min_size))
-                           for f in faces] for faces in found],
+                           for f in faces] for faces in found], "animals": animals,
                 "min_size": self.faces.limits.min_size, "model": detector.name, "version": detector.version}
 
     def choose_face(self, i: int, faces: list[Face], face: int | None) -> Face:
