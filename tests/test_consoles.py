@@ -119,6 +119,7 @@ def test_the_classifier_console_classifies_teaches_and_names(browser, tmp_path):
 
         upload.send_keys(str(FACES / "obama.jpg"))
         wait_for(browser, lambda d: text(d, "faces-note").startswith("1 face"), what="the face")
+        wait_for(browser, lambda d: text(d, "classes").startswith("Not clothing"), what="not clothing")
         browser.find_element("id", "name").send_keys("Barack Obama")
         browser.find_element("id", "teach").click()
         wait_for(browser, lambda d: d.find_elements("css selector", "#taught tr[data-name='Barack Obama']"),

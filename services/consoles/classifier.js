@@ -53,6 +53,14 @@ async function classify() {
   const answer = await api.json("/classify", photoForm({ top_k: 5 }));
   if (ticket !== latest.classify) return;
   $("classes-title").textContent = `Classes: ${answer.model} version ${answer.version}`;
+  if (answer.in_domain && answer.in_domain[0] === false) {  // the model does not know this kind of image
+    const guess = answer.predictions[0][0];
+    $("classes").replaceChildren(el("tr", {}, el("th", { text: "Not clothing" }),
+      el("td", { class: "muted", text: `domain score ${answer.domain_score[0].toFixed(4)} < ` +
+        `${answer.domain_threshold}, unlike what ${answer.model} learnt (its guess: ${guess.label} ` +
+        `${(100 * guess.score).toFixed(0)}%)` })));
+    return;
+  }
   $("classes").replaceChildren(...answer.predictions[0].map((p) => el("tr", {},
     el("th", { text: p.label }), el("td", {}, el("div", { class: "bar", "data-score": p.score.toFixed(3) })),
     el("td", { class: "score", text: `${(100 * p.score).toFixed(1)}%` }))));
