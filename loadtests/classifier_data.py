@@ -12,6 +12,7 @@ import numpy as np
 from PIL import Image
 
 from services import imaging
+from services.domain import DomainCheck
 from services.runtime import device, repository
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -30,6 +31,13 @@ def model():
     entry = repository.resolve(ROOT / "models" / "classifier", "fashion", kind="classifier")
     session, _, _ = device.create_session(entry.path, "cpu", threads=1)
     return entry, session
+
+
+@lru_cache(maxsize=1)
+def domain_check() -> DomainCheck:
+    """The out-of-domain statistics the service answers with (every /classify answer carries them)."""
+    entry = model()[0]
+    return DomainCheck.from_bytes((entry.path.parent / entry.card["contract"]["domain"]["file"]).read_bytes())
 
 
 def preprocess(files: list[bytes]) -> np.ndarray:

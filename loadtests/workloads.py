@@ -215,18 +215,20 @@ class ClassifierWorkload(Workload):
     unit = "images"
     per_request = 8
     description = ("`POST /classify` with 8 real Fashion-MNIST test images per request (multipart; PNG and JPEG at "
-                   "28 to 112 px); raw: decoding, preprocessing and `session.run` on the same files, in-process.")
+                   "28 to 112 px); raw: decoding, preprocessing, `session.run` and the out-of-domain score "
+                   "(services/domain.py) on the same files, in-process.")
 
     def raw(self, batch_sizes, seconds):
-        from loadtests.classifier_data import model, preprocess, samples
+        from loadtests.classifier_data import domain_check, model, preprocess, samples
 
         files = [data for _, data, _ in samples()]
         _, session = model()
+        check = domain_check()
         input_name = session.get_inputs()[0].name
         out = {}
         for n in batch_sizes:
             chunk = (files * (n // len(files) + 1))[:n]
-            out[n] = n * timed(lambda: session.run(None, {input_name: preprocess(chunk)}), seconds)
+            out[n] = n * timed(lambda: check.scores(session.run(None, {input_name: preprocess(chunk)})[1]), seconds)
         return out
 
     def request(self, i):

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+BLOCK = 320  # columns of the factor per matrix product (see _times_factor)
 SCORE = ("the lower of two shares of held-out training images at least as unusual as this image: by Mahalanobis "
          "distance of the embedding to the nearest class mean, and by the outlier-exposure head; 0.5 is typical, "
          "0 is more unusual than all of them")
@@ -40,9 +41,20 @@ class DomainCheck:
 
     def distances(self, embeddings: np.ndarray) -> np.ndarray:
         """Squared Mahalanobis distance of each row to its nearest class mean."""
-        p = np.asarray(embeddings, np.float32) @ self.factor
+        p = self._times_factor(np.asarray(embeddings, np.float32))
         squared = (p * p).sum(1)[:, None] - 2 * (p @ self.means.T) + (self.means * self.means).sum(1)[None]
         return np.maximum(squared.min(1).astype(np.float64), 0.0)
+
+    def _times_factor(self, x: np.ndarray) -> np.ndarray:
+        """x @ factor, skipping the zeros above its diagonal: the factor is lower triangular, so
+        column block [j0:j1] only needs rows j0 onwards (8 blocks: 44% fewer multiplications;
+        this is most of a /classify request's cost of the check)."""
+        d = self.factor.shape[0]
+        out = np.empty((len(x), d), np.float32)
+        for j0 in range(0, d, BLOCK):
+            j1 = min(d, j0 + BLOCK)
+            out[:, j0:j1] = x[:, j0:] @ self.factor[j0:, j0:j1]
+        return out
 
     def heads(self, embeddings: np.ndarray) -> np.ndarray:
         """The head's logit: higher = more like the training images."""
