@@ -499,3 +499,20 @@ def test_an_unreadable_probes_file_refuses_the_version_with_the_reason(models_co
         runtime.load_version("cartpole", "2")
     assert refused.value.status == 422 and "the gate could not run" in refused.value.message
     assert sorted(runtime.versions["cartpole"]) == ["1"] and "2" in runtime.refused["cartpole"]
+
+
+def test_a_service_hook_that_fails_on_another_workers_load_leaves_the_worker_serving(models_copy, tmp_path,
+                                                                                     monkeypatch):
+    """A version another worker loaded is loaded here from the control record: if the service's own
+    preparation fails (the classifier's cache or statistics), this worker refuses that version and
+    says why, instead of letting the exception end the thread that follows the record."""
+    new_version(models_copy, "cartpole", "2", models_copy / "policy" / "cartpole" / "1")
+    runtime = in_process_runtime(models_copy, tmp_path, "policy", "policy", monkeypatch, pins="cartpole=1")
+
+    def broken(model):
+        raise RuntimeError("statistics unreadable")
+
+    runtime.on_load.append(broken)
+    assert runtime._load_quietly("cartpole", "2") is None
+    assert "statistics unreadable" in runtime.refused["cartpole"]["2"]
+    assert runtime.get("cartpole").version == "1" and "2" not in runtime.versions["cartpole"]

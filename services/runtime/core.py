@@ -283,8 +283,14 @@ class Runtime:
             self.refused.setdefault(name, {})[version] = f"{type(exc).__name__}: {exc}"
             log.error("%s: cannot load %s version %s: %s", self.service, name, version, exc)
             return None
-        for hook in self.on_load:
-            hook(model)
+        try:
+            for hook in self.on_load:  # the service's own preparation (a cache, statistics to read)
+                hook(model)
+        except Exception as exc:  # noqa: BLE001 - this worker goes on without that version, said why
+            self._discard(model)
+            self.refused.setdefault(name, {})[version] = f"{type(exc).__name__}: {getattr(exc, 'message', exc)}"
+            log.error("%s: cannot prepare %s version %s: %s", self.service, name, version, getattr(exc, "message", exc))
+            return None
         self._add(model)
         return model
 
