@@ -298,9 +298,13 @@ class Classifier:
                            for f in faces] for faces in found], "animals": animals,
                 "min_size": self.faces.limits.min_size, "model": detector.name, "version": detector.version}
 
-    def choose_face(self, i: int, faces: list[Face], face: int | None) -> Face:
+    def choose_face(self, i: int, faces: list[Face], face: int | None, animals: list | None = None) -> Face:
         """The one face of photo i that teach/similar use; a 422 saying why there is none."""
         where = f"images[{i}]"
+        if not faces and animals:
+            seen = ", ".join(f"{a['looks_like']} ({a['animal']:.2f})" for a in animals[:3])
+            raise ApiError(422, "no_face", f"{where}: no human face found: the face the detector found looks like an "
+                           f"animal's to the animal check ({seen}; FACE_ANIMAL_THRESHOLD)", where)
         if face is not None:
             if face >= len(faces):
                 raise ApiError(422, "no_such_face", f"{where} has {len(faces)} face(s); face={face} is not one of "
@@ -326,7 +330,8 @@ class Classifier:
         """One descriptor per photo: its only face, or the one `face` names."""
         vectors = []
         for i, rgb in enumerate(await self.photos(images)):
-            chosen = self.choose_face(i, await self.faces.find(rgb), face)
+            animals = []
+            chosen = self.choose_face(i, await self.faces.find(rgb, animals), face, animals)
             vectors.append((await self.faces.describe(rgb, [chosen], descriptor))[0])
         return np.stack(vectors)
 
