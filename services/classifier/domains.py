@@ -56,9 +56,10 @@ class Domains:
             raise ApiError(503, "domain_unavailable", f"{model.name} version {model.version}: the out-of-domain "
                            f"statistics {path.name} cannot be read: {exc}") from None
 
-    def answer(self, model, embeddings: np.ndarray) -> dict:
-        """One in_domain and one domain_score per embedding row (null where the model has none)."""
-        check = self.check(model)
+    def answer(self, model, embeddings: np.ndarray | None) -> dict:
+        """One in_domain and one domain_score per embedding row, with the threshold (null where the
+        model has no statistics, or no embedding)."""
+        check = self.check(model) if embeddings is not None else None
         if check is None:
             return {"in_domain": None, "domain_score": None, "domain_threshold": None}
         scores, threshold = check.scores(embeddings), self.threshold(model)

@@ -350,14 +350,8 @@ class Classifier:
         order = np.argsort(-probabilities, axis=1, kind="stable")[:, :k]
         predictions = [[{"label": labels[j], "score": float(row[j])} for j in top] for row, top in
                        zip(probabilities, order)]
-        return {"predictions": predictions, **self.domain(classifier, outputs.get("embedding")),
+        return {"predictions": predictions, **self.domains.answer(classifier, outputs.get("embedding")),
                 "model": classifier.name, "version": classifier.version}
-
-    def domain(self, classifier, embeddings) -> dict:
-        """in_domain and domain_score per image, with the threshold (null without statistics)."""
-        if embeddings is None:
-            return {"in_domain": None, "domain_score": None, "domain_threshold": None}
-        return self.domains.answer(classifier, embeddings)
 
     @bentoml.api(route="/embed", input_spec=EmbedUpload)
     @api_errors
@@ -466,7 +460,7 @@ class Classifier:
         else:
             embeddings = await self.embeddings(teach_model, images)
             nearest, total = await self.stored(self.matcher.nearest, sha, embeddings, 1)
-            domain = self.domain(teach_model, embeddings)
+            domain = self.domains.answer(teach_model, embeddings)
             results = [self.result(best, teach_model) | (
                 {"in_domain": domain["in_domain"][i], "domain_score": domain["domain_score"][i]}
                 if domain["in_domain"] is not None else {}) for i, best in enumerate(nearest)]
@@ -486,7 +480,7 @@ class Classifier:
         answer = [[{"id": m.id, "name": m.name, "similarity": round(m.similarity, 6)} |
                    ({"distance": round(face_distance(m.similarity), 6)} if faces else {}) for m in matches]
                   for matches in nearest]
-        return {"similar": answer, **({} if faces else self.domain(teach_model, embeddings)),
+        return {"similar": answer, **({} if faces else self.domains.answer(teach_model, embeddings)),
                 **self.match_rule(teach_model), "model": teach_model.name, "version": teach_model.version}
 
     @bentoml.api(route="/taught")

@@ -121,22 +121,16 @@ def photos() -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     return people, others
 
 
-def detect(rgb: np.ndarray, detector: ort.InferenceSession, min_score: float = 0.5) -> list[tuple]:
-    """The service's detection step (services/classifier/faces.py: FACE_MIN_SCORE 0.5)."""
-    net_input, size = face_geometry.detector_input(rgb)
-    boxes, scores = detector.run(None, {"image": net_input})
-    return face_geometry.faces_found(boxes[0], scores[0], size, min_score)
-
-
 def measure(path: Path, net) -> dict:
-    detector = ort.InferenceSession(str(REPOSITORY / "face_detector" / "1" / "model.onnx"),
-                                    providers=["CPUExecutionProvider"])
+    from training.faces.evaluate import Pipeline
+
+    detect = Pipeline(REPOSITORY).boxes  # the service's detection step, at its default FACE_MIN_SCORE
     check = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     people, others = photos()
     rows, parity = [], 0.0
     for group, images in (("people", people), ("no person", others)):
         for name, rgb in tqdm(images.items(), desc=f"photos: {group}", unit="photo"):
-            found = detect(rgb, detector)
+            found = detect(rgb)
             if not found:
                 rows.append({"photo": name, "group": group, "faces": 0})
                 continue

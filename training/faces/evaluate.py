@@ -44,13 +44,16 @@ class Pipeline:
         self.detector, self.landmarks = session("face_detector"), session("face_landmarks")
         self.descriptor = session("faces", descriptor_path)
 
-    def faces(self, rgb: np.ndarray) -> list[np.ndarray]:
-        """68 landmarks of every face, biggest first."""
+    def boxes(self, rgb: np.ndarray) -> list[tuple]:
+        """(x0, y0, x1, y1, score) of every detection, biggest first (FACE_MIN_SCORE's default 0.5)."""
         net_input, size = face_geometry.detector_input(rgb)
         boxes, scores = self.detector.run(None, {"image": net_input})
-        found = face_geometry.faces_found(boxes[0], scores[0], size)
+        return face_geometry.faces_found(boxes[0], scores[0], size)
+
+    def faces(self, rgb: np.ndarray) -> list[np.ndarray]:
+        """68 landmarks of every face, biggest first."""
         points = []
-        for x0, y0, x1, y1, _ in found:
+        for x0, y0, x1, y1, _ in self.boxes(rgb):
             face, crop = face_geometry.landmark_input(rgb, (x0, y0, x1 - x0, y1 - y0))
             points.append(face_geometry.landmark_points(self.landmarks.run(None, {"face": face})[0][0], crop))
         return points
