@@ -3,7 +3,7 @@
   (a) raw onnxruntime throughput of the same model file in-process, batch sizes 1 to 64
       (for images: decoding or PNG encoding included, as the service does it);
   (b) the framework floor: requests/s of the service and of a bare BentoML service with the
-      same endpoint that answers a fixed answer of the same size (loadtests/floor.py), plain
+      same endpoint that answers a fixed answer of the same size (services/floor.py), plain
       and with the project's fixes to BentoML, driven by wrk at 1 and 64 connections in
       alternating slices (loadtests/wrk.py); for the policy also JSON against .npy bodies
       at 1 and 64 observations per request;
@@ -28,10 +28,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import importlib.metadata
 import json
 import os
-import platform
 import shlex
 import subprocess
 import sys
@@ -44,7 +42,7 @@ import numpy as np
 
 from loadtests.workloads import WORKLOADS, Workload
 from loadtests.wrk import Tally, Wrk
-from services import launch
+from services.contracts import processes
 
 ROOT = Path(__file__).resolve().parent.parent
 CONCURRENCY = [1, 8, 32, 64]
@@ -142,20 +140,20 @@ async def drive(url: str, workload: Workload, concurrency: int, seconds: float, 
 def serving(target: str, name: str, server_cores: set[int], env: dict, logs: Path, label: str):
     """A `bentoml serve` of target pinned to the server's cores; yields its URL (and keeps the
     process in serving.process, for the flame graphs)."""
-    port = launch.free_port()
+    port = processes.free_port()
     log = open(logs / f"server-{label}.log", "w")
     process = subprocess.Popen(["taskset", "-c", ",".join(map(str, sorted(server_cores))), sys.executable, "-m",
                                 "bentoml", "serve", target, "--host", "127.0.0.1", "--port", str(port)],
-                               cwd=ROOT, env={**os.environ, **env, **launch.own_home(name, port, os.environ)},
+                               cwd=ROOT, env={**os.environ, **env, **processes.own_home(name, port, os.environ)},
                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        if not launch.wait_ready(url, process, 180):
+        if not processes.wait_ready(url, process, 180):
             raise SystemExit(f"{target} did not become ready; see {log.name}")
         serving.process = process
         yield url
     finally:
-        launch.stop(process)
+        processes.stop(process)
         log.close()
 
 
@@ -179,7 +177,7 @@ def latency_runs(url: str, workload: Workload, batching: bool, seconds: float, w
 
 def served(workload: Workload, server_cores: set[int], batching: bool, seconds: float, logs: Path,
            workers: int = 1, device: str = "cpu") -> list[ServedRun]:
-    spec = next(s for s in launch.SERVICES if s.name == (workload.service or workload.name))
+    spec = next(s for s in processes.SERVICES if s.name == (workload.service or workload.name))
     label = f"{workload.name}-{'on' if batching else 'off'}-w{workers}"
     with serving(spec.target, workload.name, server_cores, server_env(workload, batching, workers, device),
                  logs, label) as url:
@@ -190,7 +188,7 @@ def against_floor(workload: Workload, server_cores: set[int], client_cores: set[
                   slices: int, logs: Path, device: str) -> tuple[list[FloorRun], list[FormRun]]:
     """(b): our service and the two floors, up together on the server's cores, driven in turn by
     wrk in slices of slice_seconds, so that drift on the machine hits all three alike."""
-    spec = next(s for s in launch.SERVICES if s.name == (workload.service or workload.name))
+    spec = next(s for s in processes.SERVICES if s.name == (workload.service or workload.name))
     env = server_env(workload, True, 1, device)
     requests = workload.wrk_requests()
     with contextlib.ExitStack() as stack:
@@ -279,22 +277,6 @@ def plot(name: str, workload: Workload, raw: dict[int, float], runs: list[Served
     return files
 
 
-def machine() -> str:
-    model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-                 platform.processor())
-    versions = ", ".join(f"{p} {importlib.metadata.version(p)}" for p in ("bentoml", "onnxruntime-gpu", "numpy")
-                         if _installed(p))
-    return f"{model}, {os.cpu_count()} cores, Python {platform.python_version()}; {versions}"
-
-
-def _installed(package: str) -> bool:
-    try:
-        importlib.metadata.version(package)
-        return True
-    except importlib.metadata.PackageNotFoundError:
-        return False
-
-
 def report(results: dict, command: str, server_cores: set[int], client_cores: set[int], out: Path,
            device: str = "cpu") -> str:
     lines = ["# Benchmarks", "",
@@ -304,7 +286,7 @@ def report(results: dict, command: str, server_cores: set[int], client_cores: se
              f"{sorted(client_cores)}; the raw figure runs on the server's cores with one onnxruntime thread.", "",
              "## Summary", "",
              "served / floor: our service's requests/s over a bare BentoML service's with the same endpoint and a "
-             "fixed answer of the same size (`loadtests/floor.py`), both driven by wrk in alternating slices; "
+             "fixed answer of the same size (`services/floor.py`), both driven by wrk in alternating slices; "
              "\"floor + fixes\" is that bare service with the fixes to BentoML our services run with "
              "(`services/runtime/pauses.py`, `hot_path.py`), so it isolates the cost of our own code. "
              "p99 / p50: latency at 64 clients, batching on, from the benchmark's own client.", "",
@@ -375,7 +357,7 @@ def report(results: dict, command: str, server_cores: set[int], client_cores: se
                   "BENCHMARKS-gpu.md\"`. onnxruntime I/O binding is not used: it has not been measured.", ""]
     lines += ["## Elsewhere", "",
               "- [benchmarks/store.md](benchmarks/store.md): the classifier's taught-examples store, check and teach "
-              "times at 1e3 to 1e5 examples per back-end (`python -m loadtests.store_benchmark`).",
+              "times at 1e3 to 1e5 examples per back-end (`python -m services.classifier.store_benchmark`).",
               "- [benchmarks/workers.md](benchmarks/workers.md): requests/s with WORKERS=1 and 2 "
               "(`python -m loadtests.benchmark --compare-workers 1 2`).",
               "- [benchmarks/faces.md](benchmarks/faces.md): the face pipeline per photo by size, each step and one "
@@ -479,7 +461,7 @@ def compare_settings(names: list[str], settings: list[str], server_cores: set[in
              "|---|---:|" + "---:|" * len(settings)]
     for name in names:
         workload = WORKLOADS[name]
-        spec = next(s for s in launch.SERVICES if s.name == (workload.service or workload.name))
+        spec = next(s for s in processes.SERVICES if s.name == (workload.service or workload.name))
         with contextlib.ExitStack() as stack:
             urls = {}
             for k, setting in enumerate(settings):

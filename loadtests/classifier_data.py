@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from services import imaging
-from services.domain import DomainCheck
-from services.runtime import device, repository
+from services.contracts import imaging
+from services.contracts.domain import DomainCheck
+from services.contracts import device, repository
 
 ROOT = Path(__file__).resolve().parent.parent
 SIZES = (28, 56, 112)

@@ -33,8 +33,9 @@ import numpy as np
 import requests
 from PIL import Image
 
-from loadtests.benchmark import machine
-from services import face_geometry, launch
+from services.contracts.versions import machine
+from services.contracts import processes
+from services.contracts import face_geometry
 from training.faces.evaluate import Pipeline
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -103,20 +104,20 @@ def main(argv=None) -> int:
     for session in (pipeline.detector, pipeline.landmarks, pipeline.descriptor):
         session.get_session_options().intra_op_num_threads = args.threads
 
-    spec = next(s for s in launch.SERVICES if s.name == "classifier")
+    spec = next(s for s in processes.SERVICES if s.name == "classifier")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     folder = tempfile.mkdtemp(prefix="faces-bench-")
     env = {**os.environ, "MODELS_DIR": str(ROOT / "models"), "INFER_THREADS": str(args.threads),
-           "TEACH_STORE": f"sqlite:///{folder}/taught.db", **launch.own_home("classifier", port, os.environ)}
+           "TEACH_STORE": f"sqlite:///{folder}/taught.db", **processes.own_home("classifier", port, os.environ)}
     log = open(Path(folder) / "server.log", "w")
-    process = subprocess.Popen(launch.serve_command(spec, "127.0.0.1", port), cwd=ROOT, env=env, stdout=log,
+    process = subprocess.Popen(processes.serve_command(spec, "127.0.0.1", port), cwd=ROOT, env=env, stdout=log,
                                stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     rows = []
     try:
-        if not launch.wait_ready(url, process, 180):
+        if not processes.wait_ready(url, process, 180):
             raise SystemExit(f"the classifier did not become ready; see {log.name}")
         requests.post(f"{url}/teach", files=[("images", ("o.jpg", (FIXTURES / "obama.jpg").read_bytes()))],
                       data={"name": "obama"}, timeout=60)
@@ -130,7 +131,7 @@ def main(argv=None) -> int:
                       f"{row['describe']:6.1f}  pipeline {row['pipeline']:6.1f}  served {row['served']:6.1f} ms",
                       flush=True)
     finally:
-        launch.stop(process)
+        processes.stop(process)
     table = ["| photo | size | faces | detect ms | landmarks ms | align ms | describe ms | pipeline ms | served /check ms |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     table += [f"| {label} | {size} | {r['faces']} | {r['detect']:.1f} | {r['landmarks']:.1f} | {r['align']:.1f} | "

@@ -24,14 +24,14 @@ from pathlib import Path
 from loadtests.benchmark import cpu_split, server_env, serving
 from loadtests.workloads import WORKLOADS
 from loadtests.wrk import Tally, Wrk
-from services import launch
+from services.contracts import processes
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def worker_pid(server_pid: int) -> int:
     """The BentoML worker under a `bentoml serve` (circus starts it as a child)."""
-    for pid in launch.descendants(server_pid):
+    for pid in processes.descendants(server_pid):
         try:
             if b"_bentoml_impl.worker" in Path(f"/proc/{pid}/cmdline").read_bytes():
                 return pid
@@ -42,7 +42,7 @@ def worker_pid(server_pid: int) -> int:
 
 def record(name: str, connections: int, seconds: float, rate: int, out: Path) -> Path:
     workload = WORKLOADS[name]
-    spec = next(s for s in launch.SERVICES if s.name == (workload.service or workload.name))
+    spec = next(s for s in processes.SERVICES if s.name == (workload.service or workload.name))
     server_cores, client_cores = cpu_split()
     svg = out / f"{name}-{connections}conn.svg"
     with contextlib.ExitStack() as stack:

@@ -13,7 +13,7 @@ import gymnasium as gym
 import numpy as np
 import onnxruntime as ort
 
-from services.runtime import repository
+from services.contracts import repository
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = Path(__file__).resolve().parent / "data" / "policy_rollouts.json"

@@ -20,7 +20,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from services import launch
+from services.contracts import processes
 
 ROOT = Path(__file__).resolve().parent.parent
 NAMES = ("policy", "generator", "classifier")
@@ -36,7 +36,7 @@ def rss_mb(pid: int) -> float:
 def workers(process) -> dict[int, float]:
     """RSS of every process of one server (the server itself and its workers), in MB."""
     sizes = {}
-    for pid in [process.pid, *launch.descendants(process.pid)]:
+    for pid in [process.pid, *processes.descendants(process.pid)]:
         try:
             sizes[pid] = rss_mb(pid)
         except OSError:
@@ -67,14 +67,14 @@ def main(argv=None) -> int:
                "TEACH_STATE_PATH": f"{folder}/none.json"}
         servers, logs = {}, []
         try:
-            specs = {spec.name: spec for spec in launch.SERVICES}
+            specs = {spec.name: spec for spec in processes.SERVICES}
             for name in NAMES:
-                port = launch.free_port()  # beside a running `make serve`, not on it
+                port = processes.free_port()  # beside a running `make serve`, not on it
                 log = open(args.out / f"{name}.log", "w")
                 logs.append(log)
-                servers[name] = (f"http://127.0.0.1:{port}", launch.start(specs[name], port, env=env, log_file=log))
+                servers[name] = (f"http://127.0.0.1:{port}", processes.start(specs[name], port, env=env, log_file=log))
             for name, (url, process) in servers.items():
-                if not launch.wait_ready(url, process, 180):
+                if not processes.wait_ready(url, process, 180):
                     print(f"{name} did not become ready: see {args.out / (name + '.log')}", file=sys.stderr)
                     return 1
             urls = {name: url for name, (url, _) in servers.items()}
@@ -86,7 +86,7 @@ def main(argv=None) -> int:
             after = {name: workers(process) for name, (_, process) in servers.items()}
         finally:
             for _, process in servers.values():
-                launch.stop(process)
+                processes.stop(process)
             for log in logs:
                 log.close()
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from loadtests.wrk import Request, multipart
-from services.runtime import device, repository
+from services.contracts import device, repository
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -44,7 +44,7 @@ class Workload:
     per_request = 1  # items in each request
     description = ""
     server_env: dict[str, str] = {}
-    floor = ""     # the bare BentoML service with the same endpoint (loadtests/floor.py)
+    floor = ""     # the bare BentoML service with the same endpoint (services/floor.py)
 
     def wrk_requests(self) -> list[Request]:
         """The same requests for wrk (loadtests/wrk.py): path, content type and body, prepared."""
@@ -95,7 +95,7 @@ class PolicyWorkload(Workload):
     def answered(self, answer):
         return int(len(answer.get("actions", [])) == 1)
 
-    floor = "loadtests.floor:PolicyFloor"
+    floor = "services.floor:PolicyFloor"
 
     def wrk_requests(self):
         return [Request(path, "application/json", json.dumps(kwargs["json"]).encode())
@@ -106,7 +106,7 @@ class PolicyWorkload(Workload):
 
     def batch_requests(self, batch: int, form: str) -> list[Request]:
         """/act with `batch` observations per request, as JSON or as .npy both ways (request and answer)."""
-        from services.arrays import npy_bytes
+        from services.contracts.arrays import npy_bytes
 
         rows = np.asarray(self.observations, np.float32)
         batches = [rows[(k * batch) % (len(rows) - batch):][:batch] for k in range(64)]
@@ -154,7 +154,7 @@ class PixelPolicyWorkload(Workload):
     def answered(self, answer):
         return int(len(answer.get("actions", [])) == 1)
 
-    floor = "loadtests.floor:PolicyFloor"
+    floor = "services.floor:PolicyFloor"
 
     def wrk_requests(self):
         return [Request(path, "application/json", json.dumps(kwargs["json"]).encode())
@@ -170,8 +170,8 @@ class GeneratorWorkload(Workload):
 
     def raw(self, batch_sizes, seconds, encode: bool = True):
         """Seed to latent, session.run, uint8 conversion and (encode) PNG encoding, in-process."""
-        from services.generator import png_bytes
-        from services.latents import model_inputs, seed_latent, to_uint8
+        from services.contracts.imaging import png_bytes
+        from services.contracts.latents import model_inputs, seed_latent, to_uint8
 
         entry, session = session_for("generator", "fashion")
         contract = entry.card["contract"]
@@ -192,7 +192,7 @@ class GeneratorWorkload(Workload):
     def answered(self, answer):
         return self.per_request if len(answer.get("images", [])) == self.per_request else 0
 
-    floor = "loadtests.floor:GeneratorFloor"
+    floor = "services.floor:GeneratorFloor"
     form_batches = (8, 64)
     forms = "`/generate` answering JSON with base64 PNGs, or `Accept: application/x-npy`: uint8 [N, 28, 28]"
 
@@ -216,7 +216,7 @@ class ClassifierWorkload(Workload):
     per_request = 8
     description = ("`POST /classify` with 8 real Fashion-MNIST test images per request (multipart; PNG and JPEG at "
                    "28 to 112 px); raw: decoding, preprocessing, `session.run` and the out-of-domain score "
-                   "(services/domain.py) on the same files, in-process.")
+                   "(services/contracts/domain.py) on the same files, in-process.")
 
     def raw(self, batch_sizes, seconds):
         from loadtests.classifier_data import domain_check, model, preprocess, samples
@@ -240,7 +240,7 @@ class ClassifierWorkload(Workload):
     def answered(self, answer):
         return self.per_request if len(answer.get("predictions", [])) == self.per_request else 0
 
-    floor = "loadtests.floor:ClassifierFloor"
+    floor = "services.floor:ClassifierFloor"
 
     def wrk_requests(self):
         from loadtests.classifier_data import samples

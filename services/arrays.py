@@ -17,9 +17,9 @@ import math
 import numpy as np
 from starlette.responses import Response
 
+from services.contracts.arrays import NPY, npy_bytes  # noqa: F401 - the write side is a contract
 from services.runtime.errors import ApiError, bad_request, clip, shown
 
-NPY = "application/x-npy"
 JSON = "application/json"
 MAGIC = b"\x93NUMPY"
 MAX_HEADER = 10_000  # numpy's own default limit on a header's length
@@ -58,12 +58,6 @@ def read_npy(body: bytes, field: str = "body") -> np.ndarray:
                           f"{held} bytes follow it: {abs(held - expected)} {what}", field)
     array = np.frombuffer(body, dtype=dtype, count=count, offset=stream.tell())
     return array.reshape(shape, order="F" if fortran_order else "C")
-
-
-def npy_bytes(array: np.ndarray) -> bytes:
-    stream = io.BytesIO()
-    np.lib.format.write_array(stream, np.ascontiguousarray(array), allow_pickle=False)
-    return stream.getvalue()
 
 
 def npy_response(array: np.ndarray, **headers: str) -> Response:

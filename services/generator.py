@@ -12,7 +12,7 @@ the class weights (one-hot; /interpolate mixes two to morph one class into anoth
 With `Accept: application/x-npy` /generate answers the images as uint8 [N, H, W] (.npy), no
 PNG, no base64 (services/arrays.py).
 
-A seed becomes a latent exactly as the card says (services/latents.py, which training uses
+A seed becomes a latent exactly as the card says (services/contracts/latents.py, which training uses
 too): numpy's default_rng(seed).standard_normal(z) as float32; image i of a request with seed s
 uses seed (s + i) mod 2**32. Pixels are round((x + 1) * 127.5). Inference goes through the
 runtime's adaptive batcher (concurrent requests share one onnxruntime run); a row's pixels do not
@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import io
 import math
 import secrets
 from concurrent.futures import ThreadPoolExecutor
@@ -37,7 +36,8 @@ from pydantic import Field
 from starlette.responses import Response
 
 from services import arrays
-from services.latents import image_grid, model_inputs, seed_latent, to_uint8
+from services.contracts.imaging import gif_bytes, png_bytes
+from services.contracts.latents import image_grid, model_inputs, seed_latent, to_uint8
 from services.runtime import (VERSION_FIELD, LoadedModel, Runtime, add_http_layer, api_errors, bad_request,
                               version_of)
 from services.runtime.config import service_options
@@ -53,27 +53,6 @@ GENERATE_FORMATS = ("json", "png")
 INTERPOLATE_FORMATS = ("json", "png", "gif")
 METHODS = ("slerp", "linear")
 ENCODER_THREADS = 4              # PNG/GIF encoding pool (Pillow's zlib releases the GIL)
-GIF_FRAME_MS = 100
-
-
-def _pil(array: np.ndarray):
-    from PIL import Image
-
-    return Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
-
-
-def png_bytes(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    _pil(array).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def gif_bytes(frames: np.ndarray) -> bytes:
-    """An animated GIF that plays the frames forward and back, looping."""
-    images = [_pil(f) for f in frames] + [_pil(f) for f in frames[-2:0:-1]]
-    buffer = io.BytesIO()
-    images[0].save(buffer, format="GIF", save_all=True, append_images=images[1:], duration=GIF_FRAME_MS, loop=0)
-    return buffer.getvalue()
 
 
 def interpolate_latents(a: np.ndarray, b: np.ndarray, steps: int, method: str) -> np.ndarray:

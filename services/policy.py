@@ -5,7 +5,7 @@
     GET  /info  policies with their observation and action spaces and action meanings
 
 With `Accept: application/x-npy` the answer is the actions as .npy (services/arrays.py).
-Pixel policies (uint8 camera frames, services/pixels.py) also take their observations as
+Pixel policies (uint8 camera frames, services/contracts/pixels.py) also take their observations as
 PNG frames or raw bytes (services/pixel_observations.py).
 """
 

@@ -10,7 +10,7 @@ import numpy as np
 import onnxruntime as ort
 from PIL import Image
 
-from services import imaging
+from services.contracts import imaging
 from training.datasets import load_fashion_mnist
 
 

@@ -9,15 +9,15 @@ from pathlib import Path
 
 import pytest
 
-from services import launch
+from services.contracts import processes
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ROOT / "models"
 POLICIES = MODELS / "policy"
-SPECS = {spec.name: spec for spec in launch.SERVICES}
+SPECS = {spec.name: spec for spec in processes.SERVICES}
 
 
-free_port = launch.free_port  # below the ephemeral range: see launch.free_port
+free_port = processes.free_port  # below the ephemeral range: see processes.free_port
 
 
 def error_of(response, status: int) -> dict:
@@ -43,14 +43,14 @@ def running_service(name: str, tmp_path: Path, env: dict | None = None, wait: bo
     port = free_port()
     log_path = tmp_path / f"{name}-{port}.log"
     with open(log_path, "w") as log_file:
-        process = launch.start(SPECS[name], port, env={"MODELS_DIR": str(MODELS), **(env or {})}, log_file=log_file)
+        process = processes.start(SPECS[name], port, env={"MODELS_DIR": str(MODELS), **(env or {})}, log_file=log_file)
         server = Server(f"http://127.0.0.1:{port}", process, log_path)
         try:
-            if wait and not launch.wait_ready(server.url, process, timeout):
+            if wait and not processes.wait_ready(server.url, process, timeout):
                 raise AssertionError(f"{name} did not become ready:\n{server.log()[-3000:]}")
             yield server
         finally:
-            launch.stop(process)
+            processes.stop(process)
 
 
 @pytest.fixture(scope="session")

@@ -27,9 +27,9 @@ from onnx import helper, numpy_helper
 
 from conftest import POLICIES, error_of, running_service
 from services.runtime import admin as admin_api
-from services.runtime import onnx_scan, repository
+from services.contracts import onnx_scan, repository
 from services.runtime.errors import ApiError
-from services.runtime.repository import sha256_file
+from services.contracts.repository import sha256_file
 from test_model_lifecycle import ADMIN, ADMIN_KEY, act, admin, info, new_version, settings
 
 WARM_UP_S = 0.4  # WARMUP_MIN_SECONDS: each load takes at least this long, so concurrent loads overlap

@@ -5,7 +5,7 @@ import subprocess
 import sys
 
 from conftest import MODELS, ROOT
-from services.launch import SERVICES
+from services.contracts.processes import SERVICES
 
 
 def test_bento_holds_every_service_and_model(tmp_path):

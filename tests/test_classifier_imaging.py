@@ -1,4 +1,4 @@
-"""services/imaging.py: decoding limits and the preprocessing contract (no server, no torch)."""
+"""services/contracts/imaging.py: decoding limits and the preprocessing contract (no server, no torch)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from classifier_helpers import encode, varied_files
-from services import imaging
+from services.contracts import imaging
 
 GREY = {"size": 32, "colour": "grey", "background": (0, 0, 0)}
 
@@ -72,7 +72,7 @@ def test_the_classifier_service_imports_no_torch():
 
     from conftest import ROOT
 
-    code = ("import sys, services.classifier.service, services.imaging; "
+    code = ("import sys, services.classifier.service, services.contracts.imaging; "
             "bad = [m for m in ('torch', 'torchvision', 'training') if m in sys.modules]; assert not bad, bad")
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr

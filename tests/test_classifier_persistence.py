@@ -18,7 +18,7 @@ import requests
 
 from classifier_helpers import encode, fashion_images, upload
 from conftest import running_service
-from services import launch
+from services.contracts import processes
 from services.classifier import state
 from test_classifier_service import MODELS_DIR, VERSION_DIR
 
@@ -69,7 +69,7 @@ def test_concurrent_teach_restart_and_kill_9_of_every_process(store, tmp_path, p
         result = check(server, [IMAGES[3]])[0]
         assert (result["name"], result["matched"], result["id"]) == ("person 3", True, ids[3][0])
         teach(server, "after restart", [IMAGES[24]])  # answered: committed
-        launch.crash(server.process)  # SIGKILL, workers included: no shutdown code runs
+        processes.crash(server.process)  # SIGKILL, workers included: no shutdown code runs
         if store.startswith("postgresql"):
             postgres.crash()  # the database server too, every backend with it
             postgres.start()
@@ -164,7 +164,7 @@ def test_an_unreachable_database_keeps_the_service_not_ready_until_it_is_there(t
         assert "cannot be opened" in error and "postgres" in error
         assert requests.get(f"{server.url}/readyz", timeout=5).status_code == 503
         postgres.create_database(name)
-        assert launch.wait_ready(server.url, server.process, 30)
+        assert processes.wait_ready(server.url, server.process, 30)
         teach(server, "late", [IMAGES[0]])
 
 

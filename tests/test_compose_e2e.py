@@ -20,7 +20,7 @@ import requests
 
 from conftest import ROOT, free_port
 from docker_stack import Engine, DockerUnavailable, build_base_image, build_wheelhouse
-from services.launch import SERVICES
+from services.contracts.processes import SERVICES
 
 PROJECT = "onnxserving-e2e"
 ADMIN = {"Authorization": "Bearer e2e-admin-key"}

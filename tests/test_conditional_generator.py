@@ -15,7 +15,7 @@ import requests
 from PIL import Image
 
 from conftest import MODELS, ROOT, running_service
-from services.runtime import repository
+from services.contracts import repository
 
 NEWEST = repository.resolve(MODELS / "generator", "fashion", kind="generator")
 CLASSES = NEWEST.card["contract"].get("classes")

@@ -5,7 +5,7 @@ from pathlib import Path
 import onnxruntime as ort
 import pytest
 
-from services.runtime import device
+from services.contracts import device
 
 MODEL = Path(__file__).resolve().parent.parent / "models" / "policy" / "cartpole" / "1" / "model.onnx"
 

@@ -1,5 +1,5 @@
 """Honest answers from the clothing classifier: every answer says whether the image looks like
-anything it knows (services/domain.py, fitted by `python -m training domain`)."""
+anything it knows (services/contracts/domain.py, fitted by `python -m training domain`)."""
 
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ from PIL import Image
 
 from classifier_helpers import Offline, encode, fashion_images, upload
 from conftest import MODELS, ROOT, running_service
-from services.domain import DomainCheck
-from services.runtime import repository
+from services.contracts.domain import DomainCheck
+from services.contracts import repository
 
 VERSION_DIR = MODELS / "classifier" / "fashion" / "1"
 CARD = json.loads((VERSION_DIR / "model.json").read_text())

@@ -14,7 +14,7 @@ import requests
 from PIL import Image
 
 from conftest import MODELS, error_of, running_service
-from services import face_geometry, imaging
+from services.contracts import face_geometry, imaging
 
 FIXTURES = Path(__file__).parent / "fixtures" / "faces"
 REPOSITORY = MODELS / "classifier"

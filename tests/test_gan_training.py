@@ -21,8 +21,8 @@ import requests
 from PIL import Image
 
 from conftest import ROOT, running_service
-from services.latents import seed_latent
-from services.runtime import repository
+from services.contracts.latents import seed_latent
+from services.contracts import repository
 from training.datasets import load_image_folder
 
 TINY = ["--epochs", "1", "--batch-size", "64", "--fid-samples", "256", "--kid-subset", "64", "--threads", "1"]

@@ -17,8 +17,8 @@ from PIL import Image
 
 from conftest import MODELS, error_of, running_service
 from services.generator import MAX_SEED, png_bytes
-from services.latents import model_inputs, seed_latent
-from services.runtime import repository
+from services.contracts.latents import model_inputs, seed_latent
+from services.contracts import repository
 
 GENERATORS = MODELS / "generator"
 MODEL_DIR = repository.resolve(GENERATORS, "fashion", kind="generator").path.parent  # the newest: the one served

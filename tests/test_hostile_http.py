@@ -20,7 +20,7 @@ from PIL import Image
 
 from classifier_helpers import encode, fashion_images, upload
 from conftest import ROOT, error_of, running_service
-from services.pixels import FRAME_SHAPE, FRAMES
+from services.contracts.pixels import FRAME_SHAPE, FRAMES
 
 NPY = "application/x-npy"
 OBSERVATIONS = np.array([[0.01, 0.02, 0.03, 0.04], [0.1, 0.2, -0.3, 0.4], [-1, 0.5, 0.1, -0.2]], np.float32)

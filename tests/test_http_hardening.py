@@ -247,11 +247,11 @@ def test_the_openapi_document_describes_the_errors_really_answered(policy):
 def test_memory_taken_by_large_decodes_is_given_back(tmp_path):
     """A worker that decoded 96 megapixels three times is back near its size before (the probe saw
     519 -> 949 MB stay; MAX_REQUEST_PIXELS bounds a request, malloc_trim returns freed memory)."""
-    from services import launch
+    from services.contracts import processes
 
     def worker_rss_mb(server) -> int:
         sizes = []
-        for pid in launch.descendants(server.process.pid):
+        for pid in processes.descendants(server.process.pid):
             status = open(f"/proc/{pid}/status").read()
             sizes.append(int(re.search(r"VmRSS:\s+(\d+)", status).group(1)) // 1024)
         return max(sizes)

@@ -21,7 +21,7 @@ import requests
 from onnx import numpy_helper
 
 from conftest import error_of, running_service
-from services.runtime.repository import sha256_file
+from services.contracts.repository import sha256_file
 
 ADMIN_KEY, API_KEY = "admin-secret", "client-secret"
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}

@@ -16,7 +16,7 @@ import requests
 from PIL import Image
 
 from conftest import POLICIES, ROOT, error_of, running_service
-from services.pixels import FRAME_SHAPE, FRAMES, camera_frame
+from services.contracts.pixels import FRAME_SHAPE, FRAMES, camera_frame
 
 PIXELS = POLICIES / "cartpole_pixels" / "1"
 

@@ -5,10 +5,10 @@ from pathlib import Path
 
 import pytest
 
-from services.runtime import repository
+from services.contracts import repository
 from services.runtime.config import Settings
 from services.runtime.core import Runtime
-from services.runtime.repository import ModelLoadError
+from services.contracts.repository import ModelLoadError
 
 MODELS = Path(__file__).resolve().parent.parent / "models"
 POLICIES = MODELS / "policy"

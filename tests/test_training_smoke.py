@@ -16,7 +16,7 @@ import onnxruntime as ort
 import requests
 
 from conftest import ROOT, free_port
-from services.runtime import repository
+from services.contracts import repository
 
 
 def train(models_dir, *args):

@@ -1,6 +1,6 @@
 """Model cards: the JSON written beside every exported model.onnx.
 
-The serving runtime reads the same file (services/runtime/repository.py) and refuses a
+The serving runtime reads the same file (services/contracts/repository.py) and refuses a
 model whose sha256 does not match its card.
 """
 
@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from services.runtime.core import software_versions
-from services.runtime.repository import CARD_FILE, MODEL_FILE, sha256_file, version_dirs, write_json_atomic
+from services.contracts.versions import software_versions
+from services.contracts.repository import CARD_FILE, MODEL_FILE, sha256_file, version_dirs, write_json_atomic
 
 
 def new_version_dir(models_dir: Path, name: str, version: int | None = None) -> Path:

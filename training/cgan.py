@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from torch.nn.utils import spectral_norm
 from tqdm import tqdm
 
-from services.latents import SEED_TO_LATENT, TO_UINT8, seed_latents
+from services.contracts.latents import SEED_TO_LATENT, TO_UINT8, seed_latents
 from training import cards, gan_quality
 from training.datasets import FASHION_CLASSES, load_fashion_mnist, to_tensor, to_uint8
 from training.gan import parity_report, read_checkpoint, save_png, sample_grid, write_checkpoint
@@ -212,13 +212,13 @@ def save_grid(net_g: Generator, nz: int, path: Path) -> None:
 
 
 class Judge:
-    """The shipped `fashion` classifier, through the service's own preprocessing (services/imaging.py):
+    """The shipped `fashion` classifier, through the service's own preprocessing (services/contracts/imaging.py):
     what the served /classify would answer for each image sent as a PNG."""
 
     def __init__(self, models_dir: Path = Path("models/classifier")):
         import onnxruntime as ort
 
-        from services.runtime import repository
+        from services.contracts import repository
 
         self.entry = repository.resolve(models_dir, "fashion", kind="classifier")
         self.pre = self.entry.card["contract"]["preprocessing"]
@@ -229,7 +229,7 @@ class Judge:
         """uint8 [N, 28, 28, 1] -> softmax [N, classes]."""
         from PIL import Image
 
-        from services import imaging
+        from services.contracts import imaging
 
         out = []
         for i in range(0, len(images), batch):
@@ -712,7 +712,7 @@ def measure(sampler: Generator, raw: Generator, untrained: Generator, train_imag
         "class_histogram_held_out_real": gan_quality.class_histogram(p_held, FASHION_CLASSES),
         "class_fidelity": {**judge.fidelity(to_uint8(generated), labels),
                            "judge": f"the shipped classifier fashion v{judge.entry.version} through "
-                                    "services/imaging.py (what /classify answers for these images as PNGs)"},
+                                    "services/contracts/imaging.py (what /classify answers for these images as PNGs)"},
         "class_fidelity_real": {**judge.fidelity(held_images[:n], held_labels),
                                 "what": "the same judge on real test images with their true labels: the ceiling"},
         "latents": f"numpy default_rng({args.seed + 1}).standard_normal(({n}, {args.nz})), labels i % 10",

@@ -4,7 +4,7 @@
     python -m training classifier --data photos/ --name faces --mode probe   # a folder per class
 
 One run does the whole job, top to bottom:
-  1. load the data through services/imaging.py (the service's own preprocessing);
+  1. load the data through services/contracts/imaging.py (the service's own preprocessing);
      Fashion-MNIST: 5,000 training images held out for validation, the official 10,000 for test;
   2. train: full fine-tuning (backbone at a lower learning rate), linear probe (frozen
      backbone, features computed once) or from scratch; augmentation, early stopping on
@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from services import imaging
+from services.contracts import imaging
 from training import cards
 from training.datasets import FASHION_CLASSES, IMAGE_SUFFIXES, load_fashion_mnist
 
@@ -441,7 +441,7 @@ def check_parity(net: Net, path: Path, images: np.ndarray, mean, std) -> dict:
     with torch.no_grad():
         ref_logits, ref_emb = (t.numpy() for t in net(torch.from_numpy(x)))
     onnx_logits, onnx_emb = np.concatenate(onnx_logits), np.concatenate(onnx_emb)
-    report = {"images": int(len(x)), "source": "test images, preprocessed by services/imaging.py",
+    report = {"images": int(len(x)), "source": "test images, preprocessed by services/contracts/imaging.py",
               "max_abs_diff_logits": float(np.abs(onnx_logits - ref_logits).max()),
               "max_abs_diff_embedding": float(np.abs(onnx_emb - ref_emb).max()),
               "max_abs_diff_batch_1": float(np.abs(single[0] - ref_logits[:1]).max()),
@@ -520,7 +520,7 @@ def calibrate_threshold(path: Path, images: np.ndarray, labels: np.ndarray, prep
 
 def recalibrate(version_dir: Path, pairs: int, seed: int, command: str) -> dict:
     """Re-measure the teach threshold of an exported Fashion-MNIST model; update its card."""
-    from services.runtime.repository import write_json_atomic
+    from services.contracts.repository import write_json_atomic
 
     card_path = Path(version_dir) / "model.json"
     card = json.loads(card_path.read_text())
@@ -749,7 +749,7 @@ def main(argv=None):
                 "scale": "pixel / 255",
                 "mean": mean,
                 "std": std,
-                "implementation": "services/imaging.py prepare() + normalise()",
+                "implementation": "services/contracts/imaging.py prepare() + normalise()",
             },
             "match_threshold": calibration["threshold"],
         },

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from services import latents
+from services.contracts import latents
 
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")  # apt-get install dataset-fashion-mnist
 FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",

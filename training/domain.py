@@ -1,4 +1,4 @@
-"""Fit, calibrate and measure the clothing classifier's out-of-domain check (services/domain.py).
+"""Fit, calibrate and measure the clothing classifier's out-of-domain check (services/contracts/domain.py).
 
     python -m training domain models/classifier/fashion/1 [--seed 0] [--flag-rate 0.015]
 
@@ -30,9 +30,9 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from services import imaging, latents
-from services.domain import SCORE, DomainCheck
-from services.runtime.repository import write_json_atomic
+from services.contracts import imaging, latents
+from services.contracts.domain import SCORE, DomainCheck
+from services.contracts.repository import write_json_atomic
 from training.classifier import augmented_copy
 from training.datasets import load_fashion_mnist
 

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from services.runtime.repository import write_json_atomic
+from services.contracts.repository import write_json_atomic
 from training import classifier as clf
 
 METHOD_NAMES = {"finetune": "pretrained + fine-tuning", "probe": "pretrained + linear probe",

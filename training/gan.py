@@ -33,7 +33,7 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from services.latents import SEED_TO_LATENT, TO_UINT8, image_grid, seed_latents
+from services.contracts.latents import SEED_TO_LATENT, TO_UINT8, image_grid, seed_latents
 from training import cards, gan_quality
 from training.datasets import load_images, to_tensor, to_uint8
 

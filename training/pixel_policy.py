@@ -38,7 +38,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from services.pixels import BLOCK, CROP_ROWS, FRAME_SHAPE, FRAMES, LUMA, FrameStack, camera_frame
+from services.contracts.pixels import BLOCK, CROP_ROWS, FRAME_SHAPE, FRAMES, LUMA, FrameStack, camera_frame
 from training import cards
 
 ENV_ID = "CartPole-v1"
@@ -47,7 +47,7 @@ EVAL_SEED = 1_000_000  # the state policies' evaluation seeds: the same 100 epis
 
 class CameraObservation(gym.ObservationWrapper):
     """CartPole seen through its own renderer: observations are the last 4 camera frames
-    (services/pixels.py), uint8 [4, 32, 120]. Make the env with render_mode="rgb_array"."""
+    (services/contracts/pixels.py), uint8 [4, 32, 120]. Make the env with render_mode="rgb_array"."""
 
     def __init__(self, env: gym.Env, frames: int = FRAMES):
         super().__init__(env)
@@ -362,7 +362,7 @@ def main(argv=None):
                 "frame_shape": list(FRAME_SHAPE),
                 "frames": FRAMES,
                 "order": "oldest first; after reset, the first frame repeated",
-                "code": "services/pixels.py (camera_frame, FrameStack)",
+                "code": "services/contracts/pixels.py (camera_frame, FrameStack)",
             },
         },
     }

@@ -5,7 +5,7 @@
 
 Runs the environment here, sends each observation to POST /act, steps with the answer,
 and prints each episode's return and the mean. With --pixels the policy gets camera frames
-(services/pixels.py: rendered here, cropped, greyscale, shrunk, the last 4 stacked), sent
+(services/contracts/pixels.py: rendered here, cropped, greyscale, shrunk, the last 4 stacked), sent
 as raw bytes (--form b64, the default), PNGs (--form png) or JSON numbers (--form json);
 --record saves the first episode as the camera saw it, with each chosen push drawn on it.
 """
@@ -70,7 +70,7 @@ def play(env_id: str, url: str, episodes: int, seed: int, model: str | None = No
         from training.pixel_policy import make_env
 
         if env_id != "CartPole-v1":
-            raise SystemExit("--pixels: the camera contract is CartPole-v1's (services/pixels.py)")
+            raise SystemExit("--pixels: the camera contract is CartPole-v1's (services/contracts/pixels.py)")
         env = make_env()
     else:
         env, form = gym.make(env_id), "json"

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from services.runtime import gate, repository
+from services.contracts import repository
 
 FACE_FIXTURES = Path("tests/fixtures/faces")
 DETECTOR_PHOTOS = ("group_1.jpg", "group_2.jpg", "obama.jpg", "biden.jpg")
@@ -90,7 +90,7 @@ def landmark_probes(entry: repository.ModelEntry) -> dict:
 def detector_probes(entry: repository.ModelEntry) -> dict:
     from PIL import Image
 
-    from services.face_geometry import detector_input
+    from services.contracts.face_geometry import detector_input
 
     inputs = [detector_input(np.asarray(Image.open(FACE_FIXTURES / name).convert("RGB")))[0][0]
               for name in DETECTOR_PHOTOS]
@@ -113,7 +113,7 @@ def record(entry: repository.ModelEntry, args) -> Path | None:
     else:
         return None  # generators: seeds are their probes
     service_repository = entry.path.parent.parent.parent  # models/<service>/<name>/<version>/model.onnx
-    path = gate.probes_file(service_repository, entry.name)
+    path = repository.probes_file(service_repository, entry.name)
     np.savez_compressed(path, **{k: np.asarray(v) for k, v in probes.items()})
     print(json.dumps({"model": f"{service_repository.name}/{entry.name}", "file": str(path),
                       "probes": len(probes.get("inputs", probes.get("images"))), "bytes": path.stat().st_size,

@@ -14,7 +14,7 @@ import threading
 
 import numpy as np
 
-from services.domain import DomainCheck
+from services.contracts.domain import DomainCheck
 from services.runtime import ApiError
 from services.runtime.config import _float
 

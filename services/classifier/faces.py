@@ -5,7 +5,7 @@
 
 Three ONNX networks from models/classifier/ (kinds face_detector, face_landmarks and
 face_descriptor), each run through the runtime's batcher, so concurrent requests share
-batches; the geometry between them (services/face_geometry.py) is the code training's
+batches; the geometry between them (services/contracts/face_geometry.py) is the code training's
 parity checks use. A fourth, when loaded (kind face_animal_check: an ImageNet classifier),
 looks at the square around each detected face and drops those it sees as an animal: the
 detector alone takes a cat's face for a person's.
@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from services import face_geometry
+from services.contracts import face_geometry
 from services.runtime import ApiError
 from services.runtime.config import _float, _int
 

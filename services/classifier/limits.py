@@ -7,7 +7,7 @@ import re
 import unicodedata
 from typing import Any
 
-from services import imaging
+from services.contracts import imaging
 from services.runtime import bad_request
 from services.runtime.config import _int
 from services.runtime.errors import shown

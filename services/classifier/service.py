@@ -17,7 +17,7 @@ describe each face, dlib's network; the default when the face networks are loade
 `fashion` (the classifier's embedding of the whole image). Taught faces and taught clothing
 never mix: examples are stored with the model (and its sha256) that made them.
 
-Images are decoded with explicit limits (uploads.py, through services/imaging.py, the same
+Images are decoded with explicit limits (uploads.py, through services/contracts/imaging.py, the same
 code training used), so served predictions equal offline ones. Taught examples live in a
 database (TEACH_STORE: SQLite by default, PostgreSQL for replicas; store.py) that every
 worker and replica shares; each change is one transaction, answered only once committed.

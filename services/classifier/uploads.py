@@ -19,7 +19,8 @@ import numpy as np
 from pydantic import Field
 from pydantic.json_schema import SkipJsonSchema
 
-from services import arrays, imaging
+from services import arrays
+from services.contracts import imaging
 from services.runtime import VERSION_FIELD, ApiError, bad_request
 from services.runtime.errors import shown
 

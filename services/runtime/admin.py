@@ -17,7 +17,7 @@ import json
 import math
 import re
 
-from services.runtime import repository
+from services.contracts import repository
 from services.runtime.errors import ApiError, bad_request, shown
 
 ROUTE = re.compile(r"^/models/(?P<name>[^/]+)/"

@@ -26,7 +26,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
-from services.runtime.repository import write_json_atomic
+from services.contracts.repository import write_json_atomic
 
 CONTROL_FILE = "serving.json"
 

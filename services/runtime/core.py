@@ -13,17 +13,16 @@ with one log line saying why.
 
 from __future__ import annotations
 
-import functools
-import importlib.metadata
 import logging
-import platform
 import threading
 import time
 from pathlib import Path
 
 import numpy as np
 
-from services.runtime import device, gate, pauses, repository
+from services.contracts import device, repository
+from services.contracts.versions import software_versions
+from services.runtime import gate, pauses
 from services.runtime.batching import DynamicBatcher
 from services.runtime.config import Settings
 from services.runtime.control import ControlFile
@@ -524,18 +523,3 @@ class Runtime:
             "software": dict(software_versions()),
             **extra,
         }
-
-
-SERVING_PACKAGES = ("bentoml", "onnxruntime-gpu", "onnxruntime", "numpy", "pillow")
-
-
-@functools.lru_cache(maxsize=None)
-def software_versions(packages: tuple[str, ...] = SERVING_PACKAGES) -> dict:
-    """Python and package versions (installed ones only); cached, they cannot change while running."""
-    versions = {"python": platform.python_version()}
-    for package in packages:
-        try:
-            versions[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            pass
-    return versions

@@ -26,7 +26,7 @@ about half of the probe actions. Loading such a version is a decision the admin 
 lowering min_agreement for that call; the quality check still applies.
 
 Probe inputs are stored per model, shared by its versions: models/<service>/<name>/probes.npz
-(`python -m training probes` records them; see probes_file()). The sha256 of model.onnx was
+(`python -m training probes` records them; see repository.probes_file()). The sha256 of model.onnx was
 checked against the card before any of this, when the version was loaded.
 """
 
@@ -37,9 +37,9 @@ from pathlib import Path
 
 import numpy as np
 
-from services import latents
+from services.contracts import latents
+from services.contracts.repository import load_probes, probes_file
 
-PROBES_FILE = "probes.npz"
 GENERATOR_PROBE_SEEDS = range(64)   # generators need no file: seeds give latents by contract
 LANDMARK_TOLERANCE = 0.02           # of the landmark crop's side
 DETECTOR_MIN_SCORE, DETECTOR_IOU = 0.5, 0.5
@@ -50,18 +50,6 @@ CONTRACT_FIELDS = {
     "generator": ("latent_dim", "classes", "image_size", "channels", "output_range", "seed_to_latent", "to_uint8"),
     "classifier": ("labels",),
 }
-
-
-def probes_file(repository: Path, name: str) -> Path:
-    return Path(repository) / name / PROBES_FILE
-
-
-def load_probes(repository: Path, name: str) -> dict[str, np.ndarray] | None:
-    path = probes_file(repository, name)
-    if not path.is_file():
-        return None
-    with np.load(path, allow_pickle=False) as data:
-        return {key: data[key] for key in data.files}
 
 
 def check(candidate, serving, repository: Path, min_agreement: float, quality_tolerance: float = 0.05) -> dict:
@@ -169,7 +157,7 @@ def probe_inputs(model, repository: Path) -> np.ndarray | None:
     if "images" in probes:  # classifier probes are pictures: each version preprocesses them its own way
         from PIL import Image
 
-        from services import imaging
+        from services.contracts import imaging
 
         preprocessing = contract["preprocessing"]
         args = imaging.contract_args(preprocessing)
@@ -243,7 +231,7 @@ def descriptor_agreement(old, new, candidate, serving):
 
 
 def detector_agreement(old, new, candidate, serving):
-    from services.face_geometry import Size, faces_found
+    from services.contracts.face_geometry import Size, faces_found
 
     size = Size(512, 512)
     agree = []
@@ -255,7 +243,7 @@ def detector_agreement(old, new, candidate, serving):
 
 
 def best_iou(box: np.ndarray, boxes: np.ndarray) -> float:
-    from services.face_geometry import box_iou
+    from services.contracts.face_geometry import box_iou
 
     return float(box_iou(box, boxes).max()) if len(boxes) else 0.0
 

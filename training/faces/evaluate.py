@@ -5,7 +5,7 @@ robustness to re-encoding, flipping, shifting and resizing, and agreement with d
 
     python -m training.faces.evaluate            # prints the figures the `faces` card records
 
-It runs the exported ONNX files with onnxruntime and services/face_geometry.py: the served
+It runs the exported ONNX files with onnxruntime and services/contracts/face_geometry.py: the served
 pipeline's own steps, without the service (training never imports a service).
 """
 
@@ -21,8 +21,8 @@ import numpy as np
 import onnxruntime as ort
 from PIL import Image
 
-from services import face_geometry, imaging
-from services.runtime.repository import resolve
+from services.contracts import face_geometry, imaging
+from services.contracts.repository import resolve
 
 FIXTURES = Path(__file__).resolve().parents[2] / "tests" / "fixtures" / "faces"
 PEOPLE = {"obama": "obama", "obama2": "obama", "obama3": "obama", "obama_partial_face": "obama", "biden": "biden"}

@@ -71,7 +71,7 @@ def run_onnx(path: Path, inputs: np.ndarray) -> list[np.ndarray]:
 
 
 def parity_detector(path: Path) -> dict:
-    from services.face_geometry import detections, detector_input
+    from services.contracts.face_geometry import detections, detector_input
     from training.faces.evaluate import load_photo
 
     ref = np.load(FIXTURES / "detector_reference.npz")
@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> None:
         **common,
         "contract": {"inputs": [{"name": "image", "shape": ["batch", 3, 512, 512], "dtype": "float32",
                                  "description": "RGB 0..255, the photo padded at the bottom/right to a square "
-                                                "and resized to 512 (services/face_geometry.detector_input)"}],
+                                                "and resized to 512 (services/contracts/face_geometry.detector_input)"}],
                      "outputs": [{"name": "boxes", "shape": ["batch", detector.ANCHORS, 4],
                                   "description": "x0, y0, x1, y1 relative to the 512 square, every anchor"},
                                  {"name": "scores", "shape": ["batch", detector.ANCHORS],
@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> None:
         **common,
         "contract": {"inputs": [{"name": "face", "shape": ["batch", 3, 112, 112], "dtype": "float32",
                                  "description": "RGB 0..255, the detector's box padded to a square (centred) "
-                                                "and resized to 112 (services/face_geometry.landmark_input)"}],
+                                                "and resized to 112 (services/contracts/face_geometry.landmark_input)"}],
                      "outputs": [{"name": "landmarks", "shape": ["batch", 68, 2],
                                   "description": "x, y relative to the 112 input (face_geometry.landmark_points)"}],
                      "max_batch_rows": 64},
@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> None:
         **common,
         "contract": {"inputs": [{"name": "chip", "shape": ["batch", 3, 150, 150], "dtype": "float32",
                                  "description": "RGB 0..255 face chip aligned as dlib's get_face_chip(shape, 150, "
-                                                "0.25) does (services/face_geometry.align)"}],
+                                                "0.25) does (services/contracts/face_geometry.align)"}],
                      "outputs": [{"name": "descriptor", "shape": ["batch", 128], "dtype": "float32",
                                   "description": "face descriptor; the service stores it at unit length"}],
                      "match_distance": evaluation["threshold"]["distance"],

@@ -22,9 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from services.face_geometry import LANDMARK_SIZE as SIZE  # noqa: F401 - the input side, for callers
-from services.face_geometry import landmark_input as crop  # noqa: F401 - face-api's names
-from services.face_geometry import landmark_points as to_image_points  # noqa: F401
+from services.contracts.face_geometry import LANDMARK_SIZE as SIZE  # noqa: F401 - the input side, for callers
+from services.contracts.face_geometry import landmark_input as crop  # noqa: F401 - face-api's names
+from services.contracts.face_geometry import landmark_points as to_image_points  # noqa: F401
 from training.faces.tfjs import read_weights
 
 INPUT = "face"  # float32 [N, 3, 112, 112], RGB, 0..255: crop() output

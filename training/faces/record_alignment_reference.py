@@ -1,4 +1,4 @@
-"""Record dlib's own alignment on the fixture photos, for services/face_geometry.align to be checked
+"""Record dlib's own alignment on the fixture photos, for services/contracts/face_geometry.align to be checked
 against: dlib's 68 landmarks (HOG detector, shape_predictor_68_face_landmarks) and the chip
 dlib.get_face_chip(photo, shape, 150, 0.25) cuts from them.
 

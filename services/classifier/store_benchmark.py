@@ -21,9 +21,9 @@ postgresql-pgvector (exact search in the database), postgresql-hnsw (TEACH_PGVEC
 HNSW index, approximate). PostgreSQL 16 + pgvector is the
 one the tests start (tests/postgres.py, binaries from the pgserver package), on a unix socket.
 
-    python -m loadtests.store_benchmark                                   # 1000, 10000, 100000
-    python -m loadtests.store_benchmark --sizes 1000 2000 --queries 10    # a quick look
-    python -m loadtests.store_benchmark --backends sqlite --out benchmarks/store.md
+    python -m services.classifier.store_benchmark                                   # 1000, 10000, 100000
+    python -m services.classifier.store_benchmark --sizes 1000 2000 --queries 10    # a quick look
+    python -m services.classifier.store_benchmark --backends sqlite --out benchmarks/store.md
 """
 
 from __future__ import annotations
@@ -40,12 +40,12 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from loadtests.benchmark import machine
+from services.contracts.versions import machine
 from services.classifier.matching import Matcher
 from services.classifier.state import now, unit
 from services.classifier.store import Example, open_store
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SEARCH = {"sqlite": "auto", "postgresql-numpy": "off", "postgresql-pgvector": "auto", "postgresql-hnsw": "hnsw"}
 BACKENDS = list(SEARCH)
 SHA = "b" * 64  # one model: every example and query is compared with every other
@@ -162,7 +162,7 @@ def start_postgres():
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m loadtests.store_benchmark", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m services.classifier.store_benchmark", description=__doc__.split("\n")[0])
     p.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000, 100000], help="numbers of taught examples")
     p.add_argument("--dim", type=int, default=1280, help="embedding size (the fashion model's is 1280)")
     p.add_argument("--queries", type=int, default=50, help="single-query checks timed per backend and size")
@@ -170,7 +170,7 @@ def main(argv=None) -> int:
     p.add_argument("--chunk", type=int, default=5000, help="examples per load transaction")
     p.add_argument("--out", type=Path, default=None, help="also write the table as Markdown here")
     args = p.parse_args(argv)
-    command = "python -m loadtests.store_benchmark " + shlex.join(sys.argv[1:] if argv is None else argv)
+    command = "python -m services.classifier.store_benchmark " + shlex.join(sys.argv[1:] if argv is None else argv)
 
     rows: list[Row] = []
     postgres = None

@@ -164,3 +164,21 @@ def contract_args(preprocessing: dict) -> dict:
     """prepare()'s keyword arguments from a card's contract.preprocessing."""
     return {"size": int(preprocessing["input_size"]), "colour": preprocessing["colour"],
             "background": tuple(preprocessing["background"])}
+
+
+def _pil(array: np.ndarray):
+    return Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
+
+
+def png_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    _pil(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def gif_bytes(frames: np.ndarray, gif_frame_ms: int = 100) -> bytes:
+    """An animated GIF that plays the frames forward and back, looping."""
+    images = [_pil(f) for f in frames] + [_pil(f) for f in frames[-2:0:-1]]
+    buffer = io.BytesIO()
+    images[0].save(buffer, format="GIF", save_all=True, append_images=images[1:], duration=gif_frame_ms, loop=0)
+    return buffer.getvalue()

@@ -24,10 +24,11 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from services.runtime import onnx_scan
+from services.contracts import onnx_scan
 
 MODEL_FILE = "model.onnx"
 CARD_FILE = "model.json"
+PROBES_FILE = "probes.npz"  # per model, shared by its versions: the gate's probe inputs
 VERSION_NAME = re.compile(r"[0-9]{1,20}")  # ASCII only: str.isdigit() also takes "١", "²" and "２"
 
 
@@ -82,6 +83,21 @@ def version_dirs(model_dir: Path) -> list[Path]:
         return []
     found = [p for p in model_dir.iterdir() if is_version_name(p.name) and p.is_dir() and (p / CARD_FILE).exists()]
     return sorted(found, key=lambda p: int(p.name))
+
+
+def probes_file(repository: Path, name: str) -> Path:
+    return Path(repository) / name / PROBES_FILE
+
+
+def load_probes(repository: Path, name: str) -> dict | None:
+    """The gate's stored probe inputs of a model ({name: array}), None when none were recorded."""
+    import numpy as np
+
+    path = probes_file(repository, name)
+    if not path.is_file():
+        return None
+    with np.load(path, allow_pickle=False) as data:
+        return {key: data[key] for key in data.files}
 
 
 def list_models(repository: Path) -> list[str]:

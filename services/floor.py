@@ -10,7 +10,7 @@ what any BentoML service costs per request on this machine; served / floor is ou
 FLOOR_FIXES=on gives the floor the same fixes to BentoML our services run with (pauses.py,
 hot_path.py): against that floor, served / floor is the cost of our own code alone.
 
-    FLOOR_ANSWER=answer.json bentoml serve loadtests.floor:PolicyFloor
+    FLOOR_ANSWER=answer.json bentoml serve services.floor:PolicyFloor
 """
 
 from __future__ import annotations
