@@ -43,6 +43,7 @@ import numpy as np
 from loadtests.workloads import WORKLOADS, Workload
 from loadtests.wrk import Tally, Wrk
 from services.contracts import processes
+from services.contracts.versions import machine
 
 ROOT = Path(__file__).resolve().parent.parent
 CONCURRENCY = [1, 8, 32, 64]

@@ -16,15 +16,14 @@ hot_path.py): against that floor, served / floor is the cost of our own code alo
 from __future__ import annotations
 
 import json
-import os
 from typing import Any
 
 import bentoml
 
 from services.runtime import hot_path, pauses
-from services.runtime.config import service_options
+from services.runtime.config import floor_settings, service_options
 
-FIXES = os.environ.get("FLOOR_FIXES", "off") == "on"
+FIXES, ANSWER = floor_settings()
 if FIXES:
     pauses.install_timeout_fix()
     hot_path.install_lean_middlewares()
@@ -33,8 +32,7 @@ if FIXES:
 
 def fixed_answer() -> Any:
     pauses.freeze_long_lived("floor", FIXES)
-    path = os.environ.get("FLOOR_ANSWER")
-    return json.loads(open(path).read()) if path else {}
+    return json.loads(open(ANSWER).read()) if ANSWER else {}
 
 
 @bentoml.service(name="policy_floor", **service_options("policy"))

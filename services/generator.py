@@ -118,7 +118,7 @@ def check_labels(label: Any, count: int, classes: list[str] | None, model: str, 
 
 
 def classes_of(model: LoadedModel) -> list[str] | None:
-    return model.card["contract"].get("classes")
+    return model.spec.contract.classes
 
 
 def check_latents(latents: Any, latent_dim: int) -> np.ndarray:
@@ -207,7 +207,7 @@ class Generator:
         version: Annotated[str | int | None, VERSION_FIELD] = None,
     ) -> Any:
         generator = self.runtime.get(model, version=version_of(version))
-        latent_dim, classes = generator.card["contract"]["latent_dim"], classes_of(generator)
+        latent_dim, classes = generator.spec.contract.latent_dim, classes_of(generator)
         check_format(format, GENERATE_FORMATS)
         answer_form = arrays.answer_form(ctx.request.headers.get("accept")) if format == "json" else format
         scale = check_truncation(truncation)
@@ -263,7 +263,7 @@ class Generator:
         version: Annotated[str | int | None, VERSION_FIELD] = None,
     ) -> Any:
         generator = self.runtime.get(model, version=version_of(version))
-        latent_dim, classes = generator.card["contract"]["latent_dim"], classes_of(generator)
+        latent_dim, classes = generator.spec.contract.latent_dim, classes_of(generator)
         check_seed(seed_a, "seed_a")
         check_seed(seed_b, "seed_b")
         if not MIN_STEPS <= steps <= MAX_STEPS:

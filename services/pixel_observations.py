@@ -97,4 +97,4 @@ def from_raw(encoded: Any, shape: Any, obs_shape: list[int], max_batch: int) -> 
 def _check_batch(n: int, max_batch: int, field: str) -> None:
     if n > max_batch:
         raise bad_request("batch_too_large", f"{n} observations is over the limit of {max_batch} per request "
-                          "(MAX_BATCH_SIZE)", field)
+                          "(MAX_REQUEST_ITEMS)", field)

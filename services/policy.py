@@ -37,7 +37,7 @@ def validate_observations(observations: Any, obs_shape: list[int], max_batch: in
     if len(observations) > max_batch:
         raise bad_request("batch_too_large",
                           f"{len(observations)} observations is over the limit of {max_batch} per request "
-                          f"(MAX_BATCH_SIZE)", "observations")
+                          f"(MAX_REQUEST_ITEMS)", "observations")
     try:
         batch = np.asarray(observations)
     except ValueError:  # ragged: some observation has the wrong shape
@@ -85,7 +85,7 @@ def validate_array(batch: np.ndarray, obs_shape: list[int], max_batch: int, imag
                           f"with N >= 1, got {list(batch.shape)}", "body")
     if len(batch) > max_batch:
         raise bad_request("batch_too_large", f"{len(batch)} observations is over the limit of {max_batch} per "
-                          "request (MAX_BATCH_SIZE)", "body")
+                          "request (MAX_REQUEST_ITEMS)", "body")
     return checked_numbers(batch, images)
 
 
@@ -132,14 +132,14 @@ def sample_actions(model: LoadedModel, outputs: list[np.ndarray], seed: int | No
     """Stochastic actions: draw from the action distribution the graph returned."""
     rng = np.random.default_rng(seed)
     action, second = outputs[0], outputs[1]
-    space = model.card["contract"]["action_space"]
-    if space["type"] == "Discrete":
+    space = model.spec.contract.action_space
+    if space.type == "Discrete":
         cumulative = np.cumsum(second, axis=1)
         draws = rng.random((len(second), 1)) * cumulative[:, -1:]
         return (draws < cumulative).argmax(axis=1)
     sampled = action + second * rng.standard_normal(action.shape).astype(np.float32)
-    low = np.array([-np.inf if v is None else v for v in space["low"]], np.float32).reshape(action.shape[1:])
-    high = np.array([np.inf if v is None else v for v in space["high"]], np.float32).reshape(action.shape[1:])
+    low = np.array([-np.inf if v is None else v for v in space.low], np.float32).reshape(action.shape[1:])
+    high = np.array([np.inf if v is None else v for v in space.high], np.float32).reshape(action.shape[1:])
     return np.clip(sampled, low, high)
 
 
@@ -156,10 +156,10 @@ class Policy:
         return {"/act": self.runtime.choices()} if self.runtime.ready else {}
 
     def info(self) -> dict:
-        policies = {name: {"observation_space": m.card["contract"]["observation_space"],
+        policies = {name: {"observation_space": m.card["contract"]["observation_space"],  # as the card writes them
                            "action_space": m.card["contract"]["action_space"],
-                           "action_meanings": m.card["contract"].get("action_meanings"),
-                           "env_id": m.card["contract"].get("env_id")}
+                           "action_meanings": m.spec.contract.action_meanings,
+                           "env_id": m.spec.contract.env_id}
                     for name, m in self.runtime.models.items()}
         return self.runtime.info(policies=policies, endpoints=["POST /act", "GET /info"])
 
@@ -170,9 +170,9 @@ class Policy:
         answer_form = arrays.answer_form(ctx.request.headers.get("accept"))
         policy = self.runtime.get(model, version=version_of(version))
         if ctx.request.headers.get("content-type", "").split(";")[0].strip().lower() == arrays.NPY:
-            space = policy.card["contract"]["observation_space"]
-            batch = validate_array(arrays.read_npy(await ctx.request.body()), space["shape"],
-                                   self.runtime.settings.max_batch_size, space.get("dtype") == "uint8")
+            space = policy.spec.contract.observation_space
+            batch = validate_array(arrays.read_npy(await ctx.request.body()), space.shape,
+                                   self.runtime.settings.max_request_items, space.dtype == "uint8")
         else:
             batch = self.observations(policy, observations, frames_png, observations_b64, shape)
         outputs = await policy(batch)
@@ -180,7 +180,7 @@ class Policy:
         if answer_form == arrays.NPY:
             return arrays.npy_response(actions, model=policy.name, model_version=policy.version,
                                        deterministic=str(deterministic).lower())
-        discrete = policy.card["contract"]["action_space"]["type"] == "Discrete"
+        discrete = policy.spec.contract.action_space.type == "Discrete"
         answer = {"actions": actions.tolist(), "values": outputs[2].tolist()}
         answer["probabilities" if discrete else "action_std"] = outputs[1].tolist()
         answer.update(model=policy.name, version=policy.version, deterministic=deterministic)
@@ -188,8 +188,8 @@ class Policy:
 
     def observations(self, policy: LoadedModel, observations, frames_png, observations_b64, shape) -> np.ndarray:
         """The request's observation batch, in whichever of its forms it came, checked."""
-        space = policy.card["contract"]["observation_space"]
-        images, limit = space.get("dtype") == "uint8", self.runtime.settings.max_batch_size
+        space = policy.spec.contract.observation_space
+        images, limit = space.dtype == "uint8", self.runtime.settings.max_request_items
         given = [name for name, value in (("observations", observations), ("frames_png", frames_png),
                                           ("observations_b64", observations_b64)) if value is not None]
         if len(given) != 1:
@@ -202,10 +202,10 @@ class Policy:
         if shape is not None and given[0] != "observations_b64":
             raise bad_request("invalid_field", "shape goes with observations_b64", "shape")
         if frames_png is not None:
-            return pixel_observations.from_png_frames(frames_png, space["shape"], limit)
+            return pixel_observations.from_png_frames(frames_png, space.shape, limit)
         if observations_b64 is not None:
-            return pixel_observations.from_raw(observations_b64, shape, space["shape"], limit)
-        return validate_observations(observations, space["shape"], limit, images)
+            return pixel_observations.from_raw(observations_b64, shape, space.shape, limit)
+        return validate_observations(observations, space.shape, limit, images)
 
 
 add_http_layer(Policy, SERVICE)

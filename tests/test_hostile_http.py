@@ -10,7 +10,6 @@ import io
 import re
 import socket
 import time
-from pathlib import Path
 from urllib.parse import urlsplit
 
 import numpy as np

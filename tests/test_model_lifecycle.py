@@ -64,6 +64,7 @@ def versions(models_copy) -> Path:
     new_version(models_copy, "cartpole", "4", models_copy / "policy" / "lunarlander" / "1")
     new_version(models_copy, "cartpole", "5", cartpole / "1", edit=flip_actions)
     card_edited(models_copy, "policy", "cartpole", "6", lambda card: card["metrics"].update(mean_return=200.0))
+    card_edited(models_copy, "policy", "cartpole", "7", lambda card: card["contract"]["action_space"].pop("n"))
     return models_copy
 
 
@@ -215,6 +216,11 @@ def test_bad_versions_are_refused_and_the_old_one_keeps_serving(versions, tmp_pa
         agreement = next(c for c in flipped["gate"]["checks"] if c["check"] == "agreement")
         assert agreement["agreement"] < 0.1 and agreement["min_agreement"] == 0.9
 
+        # A card missing a field its kind needs is refused at load, naming the field (not a 500 later).
+        incomplete = error_of(admin(server, "/models/cartpole/versions/7/load"), 422)
+        assert incomplete["code"] == "version_refused"
+        assert "contract.action_space" in incomplete["message"] and "needs n" in incomplete["message"]
+
         assert error_of(admin(server, "/models/cartpole/versions/77/load"), 404)["code"] == "version_not_found"
         assert error_of(admin(server, "/models/nope/versions/1/load"), 404)["code"] == "model_not_found"
         assert error_of(admin(server, "/models/cartpole/serve", {"version": "5"}), 404)["code"] == \
@@ -222,7 +228,7 @@ def test_bad_versions_are_refused_and_the_old_one_keeps_serving(versions, tmp_pa
 
         body = info(server)["versions"]["cartpole"]
         assert body["serving"] == "1" and body["loaded"] == ["1"]
-        assert set(body["refused"]) == {"3", "4", "5"} and "sha256" in body["refused"]["3"]
+        assert set(body["refused"]) == {"3", "4", "5", "7"} and "sha256" in body["refused"]["3"]
         r = act(server)
         assert r.status_code == 200 and r.json()["version"] == "1"
         text = requests.get(f"{server.url}/metrics", timeout=10).text
@@ -234,7 +240,8 @@ def test_bad_versions_are_refused_and_the_old_one_keeps_serving(versions, tmp_pa
         assert r.status_code == 200 and r.json()["gate"]["passed"], r.text
         assert act(server, version="5").json()["actions"] == [1 - act(server).json()["actions"][0]]
         assert info(server)["versions"]["cartpole"]["refused"] == {"3": body["refused"]["3"],
-                                                                  "4": body["refused"]["4"]}
+                                                                  "4": body["refused"]["4"],
+                                                                  "7": body["refused"]["7"]}
         # ... but not the quality check: a version whose card measured a worse return stays out.
         worse = error_of(admin(server, "/models/cartpole/versions/6/load", {"min_agreement": 0}), 422)
         quality = next(c for c in worse["gate"]["checks"] if c["check"] == "quality")

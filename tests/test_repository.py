@@ -26,6 +26,23 @@ def test_shipped_cards_match_their_files():
         assert entry.card["export"]["parity"]["observations"] >= 1000
 
 
+@pytest.mark.parametrize("edit, problem", [
+    (lambda c: c["contract"].pop("observation_space"), "contract.observation_space: missing"),
+    (lambda c: c["contract"]["action_space"].update(type="Continuous"), "contract.action_space.type"),
+    (lambda c: c.update(kind="robot"), "kind: 'robot' is not one of"),
+    (lambda c: c["contract"].update(inputs=[]), "contract.inputs"),
+    (lambda c: c["contract"].update(max_batch_rows="64"), "contract.max_batch_rows: Input should be a valid integer"),
+])
+def test_a_card_missing_a_field_or_of_the_wrong_type_is_refused_naming_it(models_copy, edit, problem):
+    folder = models_copy / "policy" / "cartpole" / "1"
+    card = json.loads((folder / "model.json").read_text())
+    edit(card)
+    (folder / "model.json").write_text(json.dumps(card))
+    with pytest.raises(ModelLoadError, match="model cartpole: card .*model.json: ") as refused:
+        repository.resolve(models_copy / "policy", "cartpole")
+    assert problem in str(refused.value)
+
+
 def test_newest_version_wins_and_pins_hold(models_copy):
     models_copy = models_copy / "policy"
     (models_copy / "cartpole" / "2").mkdir()

@@ -16,28 +16,25 @@ import numpy as np
 
 from services.contracts.domain import DomainCheck
 from services.runtime import ApiError
-from services.runtime.config import _float
 
 
 class Domains:
-    def __init__(self):
+    def __init__(self, override: float | None = None):  # DOMAIN_THRESHOLD; None: each card's threshold
         self._checks: dict[str, DomainCheck] = {}  # by the model file's sha256
         self._lock = threading.Lock()
-        self.override = _float("DOMAIN_THRESHOLD", float("nan"))
-        if not (np.isnan(self.override) or 0 <= self.override <= 1):
-            raise ValueError(f"DOMAIN_THRESHOLD={self.override} must be between 0 and 1 (a domain score)")
+        self.override = float("nan") if override is None else override
 
     def threshold(self, model) -> float | None:
-        spec = model.card.get("contract", {}).get("domain")
+        spec = model.spec.contract.domain
         if not spec:
             return None
-        return float(spec["threshold"]) if np.isnan(self.override) else self.override
+        return spec.threshold if np.isnan(self.override) else self.override
 
     def check(self, model) -> DomainCheck | None:
-        spec = model.card.get("contract", {}).get("domain")
+        spec = model.spec.contract.domain
         if not spec:
             return None
-        sha = model.card["sha256"]
+        sha = model.spec.sha256
         if sha not in self._checks:
             with self._lock:
                 if sha not in self._checks:
@@ -46,10 +43,10 @@ class Domains:
 
     @staticmethod
     def _read(model, spec: dict) -> DomainCheck:
-        path = model.entry.path.parent / spec["file"]
+        path = model.entry.path.parent / spec.file
         try:
             data = path.read_bytes()
-            if hashlib.sha256(data).hexdigest() != spec["sha256"]:
+            if hashlib.sha256(data).hexdigest() != spec.sha256:
                 raise ValueError("its sha256 no longer matches the card")
             return DomainCheck.from_bytes(data)
         except (OSError, ValueError, KeyError) as exc:

@@ -20,7 +20,7 @@ import numpy as np
 
 from services.contracts import face_geometry
 from services.runtime import ApiError
-from services.runtime.config import _float, _int
+from services.runtime.config import ClassifierSettings
 
 FACE_KINDS = ("face_detector", "face_landmarks", "face_descriptor")
 ANIMAL_KIND = "face_animal_check"  # optional: without it every detection counts
@@ -48,17 +48,14 @@ class Face:
 class FaceLimits:
     """The face pipeline's settings (README: configuration)."""
 
-    def __init__(self) -> None:
-        self.min_score = _float("FACE_MIN_SCORE", 0.5)       # detections below are not faces
-        self.min_size = _int("FACE_MIN_SIZE", 40, minimum=1)  # pixels; smaller faces are found, not used
-        self.max_faces = _int("FACE_MAX_FACES", 20, minimum=1)  # per photo, biggest first
+    def __init__(self, settings: ClassifierSettings) -> None:
+        self.min_score = settings.face_min_score  # detections below are not faces
+        self.min_size = settings.face_min_size    # pixels; smaller faces are found, not used
+        self.max_faces = settings.face_max_faces  # per photo, biggest first
         # A detection whose surroundings the animal check gives at least this share of ImageNet's
         # animal classes is not a face (NaN: the card's threshold; 1 turns the check off).
-        self.animal_threshold = _float("FACE_ANIMAL_THRESHOLD", float("nan"))
-        if not 0 < self.min_score < 1:
-            raise ValueError(f"FACE_MIN_SCORE={self.min_score} must be between 0 and 1")
-        if not (np.isnan(self.animal_threshold) or 0 < self.animal_threshold <= 1):
-            raise ValueError(f"FACE_ANIMAL_THRESHOLD={self.animal_threshold} must be in (0, 1]")
+        self.animal_threshold = (float("nan") if settings.face_animal_threshold is None
+                                 else settings.face_animal_threshold)
 
     def describe(self) -> dict:
         return {"face_min_score": self.min_score, "face_min_size": self.min_size, "face_max_faces": self.max_faces,
@@ -88,7 +85,7 @@ class FacePipeline:
         if check is None:
             return None
         threshold = self.limits.animal_threshold
-        threshold = float(check.card["contract"]["threshold"]) if np.isnan(threshold) else threshold
+        threshold = check.spec.contract.threshold if np.isnan(threshold) else threshold
         return None if threshold >= 1 else (check, threshold)
 
     async def find(self, rgb: np.ndarray, animals: list | None = None) -> list[Face]:
@@ -113,7 +110,7 @@ class FacePipeline:
     async def not_animals(self, rgb: np.ndarray, found: list, check, threshold: float, animals: list | None) -> list:
         squares = await asyncio.to_thread(face_geometry.animal_input, rgb, [f[:4] for f in found])
         outputs = dict(zip(check.output_names, await check(squares)))
-        labels = check.card["contract"]["labels"]
+        labels = check.spec.contract.labels
         kept = []
         for face, share, probabilities in zip(found, outputs["animal"], outputs["probabilities"]):
             if share < threshold:

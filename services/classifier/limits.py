@@ -1,4 +1,4 @@
-"""Every request limit of the classifier, from the environment (README: configuration), and the
+"""Every request limit of the classifier (its settings, services/runtime/config.py), and the
 checks of names and integer fields that use them."""
 
 from __future__ import annotations
@@ -9,25 +9,26 @@ from typing import Any
 
 from services.contracts import imaging
 from services.runtime import bad_request
-from services.runtime.config import _int
+from services.runtime.config import ClassifierSettings
 from services.runtime.errors import shown
 
 NAME_PATTERN = re.compile(r"^[\w][\w .'@+-]*$")  # letters/digits (any script), space . ' @ + - _
 INTEGER = re.compile(r"[+-]?[0-9]{1,20}")  # ASCII digits only; 20 is past any limit's range
-BYTES_PER_IMPORTED_EXAMPLE = 12 * 1024  # a 1,536-d embedding in base64 plus its fields, with room
 
 
 class Limits:
-    def __init__(self, max_batch_size: int):
-        self.images_per_request = min(_int("MAX_IMAGES_PER_REQUEST", 32, minimum=1), max_batch_size)
-        self.image = imaging.Limits(max_file_bytes=_int("MAX_IMAGE_BYTES", 8 * 1024 * 1024, minimum=1),
-                                    max_pixels=_int("MAX_IMAGE_PIXELS", 40_000_000, minimum=1),
-                                    max_side=_int("MAX_IMAGE_SIDE", 20_000, minimum=1))
+    def __init__(self, settings: ClassifierSettings):
+        self.images_per_request = settings.images_per_request
+        self.image = imaging.Limits(max_file_bytes=settings.image_bytes, max_pixels=settings.image_pixels,
+                                    max_side=settings.image_side)
         # Decoded pixels per request, all images together: one request within the other limits
         # (32 images of 20000 x 2000) could otherwise take 37 s of CPU and 760 MB.
-        self.request_pixels = _int("MAX_REQUEST_PIXELS", 100_000_000, minimum=1)
-        self.name_length = _int("MAX_NAME_LENGTH", 64, minimum=1)
-        self.taught_examples = _int("MAX_TAUGHT_EXAMPLES", 10_000, minimum=1)
+        self.request_pixels = settings.request_pixels
+        self.name_length = settings.name_length
+        self.taught_examples = settings.taught_examples
+        # Body limit of /state/import: room for an export at MAX_TAUGHT_EXAMPLES, so whatever the
+        # service exports can be imported back (MAX_IMPORT_BYTES overrides it).
+        self.import_bytes = settings.import_bytes
         self.similar = 50
 
     def describe(self) -> dict:
@@ -35,14 +36,7 @@ class Limits:
                 "max_image_pixels": self.image.max_pixels, "max_image_side": self.image.max_side,
                 "max_request_pixels": self.request_pixels,
                 "max_name_length": self.name_length, "max_taught_examples": self.taught_examples,
-                "max_import_bytes": import_bytes(), "image_formats": sorted(imaging.FORMATS)}
-
-
-def import_bytes() -> int:
-    """Body limit of /state/import: room for an export at MAX_TAUGHT_EXAMPLES, so whatever the
-    service exports can be imported back (MAX_IMPORT_BYTES overrides it)."""
-    return _int("MAX_IMPORT_BYTES", _int("MAX_TAUGHT_EXAMPLES", 10_000, minimum=1) * BYTES_PER_IMPORTED_EXAMPLE,
-                minimum=1)
+                "max_import_bytes": self.import_bytes, "image_formats": sorted(imaging.FORMATS)}
 
 
 def int_field(value: Any, field: str, low: int, high: int) -> int:

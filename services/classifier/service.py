@@ -27,12 +27,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import threading
 import time
 import unicodedata
 import uuid
-from pathlib import Path
 from typing import Annotated, Any
 
 import bentoml
@@ -42,19 +40,17 @@ from pydantic import Field
 from services import arrays
 from services.classifier import state as taught_state
 from services.classifier.domains import Domains
-from services.classifier.limits import Limits, check_name, import_bytes, int_field
+from services.classifier.limits import Limits, check_name, int_field
 from services.classifier.matching import Matcher
 from services.classifier.faces import KINDS, Face, FaceLimits, FacePipeline
 from services.classifier.store import Example, StoreError, TooManyExamples, open_store
 from services.classifier.uploads import (CheckUpload, ClassifyUpload, DetectUpload, EmbedUpload, SimilarUpload,
                                          TeachUpload, decode_batch, decode_photos)
 from services.runtime import VERSION_FIELD, ApiError, Runtime, add_http_layer, api_errors, bad_request, version_of
-from services.runtime.config import _float, service_options
+from services.runtime.config import service_options, settings_for
 from services.runtime.errors import shown
 
 SERVICE = "classifier"
-DEFAULT_STORE = "sqlite:///data/classifier/taught.db"
-LEGACY_STATE = "data/classifier/taught.json"
 TEACHABLE = ("classifier", "face_descriptor")  # kinds whose output can be taught
 log = logging.getLogger("services.classifier")
 
@@ -66,8 +62,8 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def embedding_dim(model) -> int:
-    output = next(o for o in model.card["contract"]["outputs"] if o["name"] in ("embedding", "descriptor"))
-    return int(output["shape"][1])
+    output = next(o for o in model.spec.contract.outputs if o.name in ("embedding", "descriptor"))
+    return int(output.shape[1])
 
 
 def is_faces(model) -> bool:
@@ -84,19 +80,17 @@ class Classifier:
     def __init__(self) -> None:
         self.runtime = Runtime(service=SERVICE, kind=KINDS)
         self.runtime.on_load.append(self.prepare_search)
-        self.domains = Domains()
+        settings = self.runtime.settings.classifier
+        self.domains = Domains(settings.domain_threshold)
         self.runtime.on_load.append(self.domains.check)  # read a version's out-of-domain statistics before it serves
         self.runtime.serve_checks.append(self.taught_carries_over)
-        self.limits = Limits(self.runtime.settings.max_batch_size)
-        self.faces = FacePipeline(self.runtime, FaceLimits())
-        self.store_url = os.environ.get("TEACH_STORE", "").strip() or DEFAULT_STORE
-        self.pgvector = os.environ.get("TEACH_PGVECTOR", "auto").strip().lower() or "auto"
-        if self.pgvector not in ("auto", "on", "hnsw", "off"):
-            raise ValueError(f"TEACH_PGVECTOR={self.pgvector!r} must be auto, on, hnsw or off")
-        self.legacy_state = Path(os.environ.get("TEACH_STATE_PATH", "").strip() or LEGACY_STATE)
-        self.threshold_override = _float("TEACH_MATCH_THRESHOLD", float("nan"))
-        self.face_distance_override = _float("FACE_MATCH_DISTANCE", float("nan"))
-        self.teach_model_name = os.environ.get("TEACH_MODEL") or None
+        self.limits = Limits(settings)
+        self.faces = FacePipeline(self.runtime, FaceLimits(settings))
+        self.store_url, self.pgvector, self.legacy_state = settings.teach_store, settings.teach_pgvector, \
+            settings.teach_state_path
+        self.threshold_override = settings.teach_match_threshold  # None: the card's
+        self.face_distance_override = settings.face_match_distance
+        self.teach_model_name = settings.teach_model
         self.store = self.matcher = None
         self.state_failure: str | None = "the taught-examples store is opening"
         self.first_attempt = threading.Event()  # set once the store was tried: opened, or said why not
@@ -343,7 +337,7 @@ class Classifier:
         if problem is not None:
             raise problem
         classifier = self.runtime.get(model, kind="classifier", version=version)
-        labels = classifier.card["contract"]["labels"]
+        labels = classifier.spec.contract.labels
         k = int_field(top_k, "top_k", 1, len(labels))
         outputs = await self.infer(classifier, images)
         probabilities = softmax(outputs["logits"])
@@ -388,11 +382,11 @@ class Classifier:
         similarity for the classifier's embedding; each from the card unless overridden."""
         if is_faces(model):
             override = self.face_distance_override
-            return {"metric": "euclidean distance", "threshold": override if not np.isnan(override) else
-                    float(model.card["contract"]["match_distance"])}
+            return {"metric": "euclidean distance", "threshold": override if override is not None else
+                    model.spec.contract.match_distance}
         override = self.threshold_override
-        return {"metric": "cosine similarity", "threshold": override if not np.isnan(override) else
-                float(model.card["contract"].get("match_threshold", 0.8))}
+        return {"metric": "cosine similarity", "threshold": override if override is not None else
+                (model.spec.contract.match_threshold or 0.8)}
 
     def threshold(self, model) -> float:
         return self.match_rule(model)["threshold"]
@@ -561,7 +555,7 @@ class Classifier:
         return {"imported": imported, "total": total}
 
 
-add_http_layer(Classifier, SERVICE, body_limits={"/state/import": import_bytes()},
+add_http_layer(Classifier, SERVICE, body_limits={"/state/import": settings_for(SERVICE).classifier.import_bytes},
                error_statuses={"409": "teach or import would exceed MAX_TAUGHT_EXAMPLES (too_many_examples)",
                                "422": "faces: a photo has no face, several and no face index, or one under "
                                       "FACE_MIN_SIZE pixels (no_face, several_faces, no_such_face, face_too_small)"})

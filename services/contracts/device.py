@@ -7,7 +7,6 @@ says so), else the CPU, and says why. cuda fails loudly when CUDA cannot be had.
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 import onnxruntime as ort
@@ -58,7 +57,7 @@ def create_session(model_path: Path, device: str, threads: int = 0) -> tuple[ort
             log.debug("onnxruntime.preload_dlls failed: %s", exc)
     session = ort.InferenceSession(str(model_path), options, providers=[CUDA, CPU])
     if session.get_providers()[0] == CUDA:
-        return session, CUDA, f"CUDA session created (device {os.environ.get('CUDA_VISIBLE_DEVICES', '0')})"
+        return session, CUDA, f"CUDA session created (device {session.get_provider_options().get(CUDA, {}).get('device_id', '0')})"
     reason = "onnxruntime could not create a CUDA session (see its error above: CUDA 13 / cuDNN 9 libraries)"
     if device == "cuda":
         raise DeviceError(f"INFER_DEVICE=cuda but {reason}")

@@ -9,7 +9,7 @@ half-written export is never picked up.
 What a version may be (an admin can load any folder, so each is checked before onnxruntime sees it):
 a name of 1 to 20 ASCII digits; the folder, its card and its model file inside MODELS_DIR once
 symlinks are followed (a symlink to another version's file is fine); the card's `file` a plain file
-name; the model file's sha256 the card's; and no tensor kept in external data, whose bytes the
+name; the card holding every field its kind needs, of the right type (cards.py); the model file's sha256 the card's; and no tensor kept in external data, whose bytes the
 sha256 would not cover. A contract section naming a file beside the model with its sha256 (the
 classifier's out-of-domain statistics, `contract.domain`) is checked the same way.
 """
@@ -24,7 +24,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from services.contracts import onnx_scan
+from services.contracts import cards, onnx_scan
 
 MODEL_FILE = "model.onnx"
 CARD_FILE = "model.json"
@@ -41,7 +41,8 @@ class ModelEntry:
     name: str
     version: str
     path: Path  # the model.onnx file
-    card: dict
+    card: dict  # the card as written (what /info shows)
+    spec: cards.Card  # the same card, typed and checked for its kind (services/contracts/cards.py)
 
     @property
     def kind(self) -> str:
@@ -143,6 +144,10 @@ def verify(name: str, version_dir: Path, kind: str | tuple[str, ...] | None = No
         if isinstance(spec, dict) and "file" in spec:
             _checked_file(name, root, version_dir, spec["file"], spec.get("sha256"), f"contract.{section}.")
     try:
+        spec = cards.parse(card)
+    except cards.CardError as exc:
+        raise ModelLoadError(f"model {name}: card {version_dir / CARD_FILE}: {exc}") from None
+    try:
         external = onnx_scan.external_tensors(data)
     except onnx_scan.NotOnnx as exc:
         raise ModelLoadError(f"model {name}: {model_path} is not a valid ONNX file: {exc}") from None
@@ -150,7 +155,7 @@ def verify(name: str, version_dir: Path, kind: str | tuple[str, ...] | None = No
         raise ModelLoadError(f"model {name}: {model_path} keeps tensors in external data ({', '.join(external[:3])}"
                              f"{', ...' if len(external) > 3 else ''}), which its sha256 does not cover; "
                              "export the weights inside model.onnx")
-    return ModelEntry(name=name, version=version_dir.name, path=model_path, card=card)
+    return ModelEntry(name=name, version=version_dir.name, path=model_path, card=card, spec=spec)
 
 
 def _checked_file(name: str, root: Path, version_dir: Path, file, expected, where: str) -> tuple[Path, bytes]:

@@ -4,7 +4,7 @@ adaptive batching, limits, errors, auth and metrics. Services hold one Runtime e
 from pydantic import Field
 
 from services.runtime import connections, hot_path, pauses
-from services.runtime.config import Settings
+from services.runtime.config import Settings, settings_for
 from services.runtime.core import LoadedModel, Runtime
 from services.runtime.errors import ApiError, api_errors, bad_request
 from services.runtime.http import ServiceHttp
@@ -36,7 +36,7 @@ def add_http_layer(service, name: str, settings: Settings | None = None,
             json_routes[api.route] = ("application/json", "application/x-npy") if npy_request else ("application/json",)
         if npy_request or npy_answer:
             array_routes[api.route] = {"request": npy_request, "answer": npy_answer}
-    settings = settings or Settings.from_env(name)
+    settings = settings or settings_for(name)
     service.add_asgi_middleware(ServiceHttp, service=name, settings=settings, body_limits=body_limits,
                                 json_routes=json_routes, error_statuses=error_statuses, array_routes=array_routes)
     connections.install(settings.header_timeout)  # before uvicorn accepts the first connection

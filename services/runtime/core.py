@@ -24,7 +24,7 @@ from services.contracts import device, repository
 from services.contracts.versions import software_versions
 from services.runtime import gate, pauses
 from services.runtime.batching import DynamicBatcher
-from services.runtime.config import Settings
+from services.runtime.config import Settings, settings_for
 from services.runtime.control import ControlFile
 from services.runtime.errors import ApiError, clip, shown
 from services.runtime.metrics import metrics
@@ -64,16 +64,16 @@ class LoadedModel:
         self.answers = m["answers"].labels(service, entry.name, entry.version)  # requests this version took
         self.taken = 0  # the same, in this worker since the last rollout log line (Runtime._log_answers)
         # A card may cap the rows of one merged batch (a 512x512 detector batch of 512 rows
-        # would take gigabytes); the smaller of it and BATCH_MAX_ROWS applies.
-        self.max_rows = min(settings.batch_max_rows, int(entry.card.get("contract", {}).get("max_batch_rows") or
-                                                         settings.batch_max_rows))
+        # would take gigabytes); the smaller of it and MAX_MERGED_ROWS applies.
+        self.max_rows = min(settings.max_merged_rows, entry.spec.contract.max_batch_rows or settings.max_merged_rows)
         self.batcher = DynamicBatcher(self.run, enabled=settings.batching, max_rows=self.max_rows,
                                       wait_ms=settings.batch_wait_ms, on_batch=self._batch_sizes.observe,
                                       name=entry.name, inline_ms=settings.inline_infer_ms)
 
     name = property(lambda self: self.entry.name)
     version = property(lambda self: self.entry.version)
-    card = property(lambda self: self.entry.card)
+    card = property(lambda self: self.entry.card)  # as written
+    spec = property(lambda self: self.entry.spec)  # typed (services/contracts/cards.py)
 
     def run(self, rows: np.ndarray) -> list[np.ndarray]:
         """One synchronous onnxruntime run on a batch (what the batcher calls)."""
@@ -121,7 +121,7 @@ class Runtime:
     def __init__(self, service: str, kind: str | tuple[str, ...], settings: Settings | None = None):
         _log_to_stderr()
         self.service, self.kind = service, kind
-        self.settings = settings or Settings.from_env(service)
+        self.settings = settings or settings_for(service)
         self.models: dict[str, LoadedModel] = {}
         self.versions: dict[str, dict[str, LoadedModel]] = {}
         self.refused: dict[str, dict[str, str]] = {}  # name -> version -> why it was not loaded
@@ -214,7 +214,7 @@ class Runtime:
     def _open(self, entry: repository.ModelEntry) -> LoadedModel:
         """A verified entry -> a session on the chosen device, warmed up."""
         model = LoadedModel(self.service, entry, self.settings)
-        model.warm_up(sorted({1, min(self.settings.max_batch_size, model.max_rows)}), self.settings.warmup_min_seconds)
+        model.warm_up(sorted({1, min(self.settings.max_request_items, model.max_rows)}), self.settings.warmup_min_seconds)
         metrics()["model_info"].labels(self.service, entry.name, entry.version, entry.card["sha256"],
                                        model.provider).set(1)
         log.info("%s: loaded %s version %s on %s (%s)", self.service, entry.name, entry.version, model.provider,
@@ -472,7 +472,7 @@ class Runtime:
 
     def choices(self, kind: str | None = None) -> tuple[list[str], bool]:
         """The model names a request may give (of `kind`), and whether it must give one."""
-        names = sorted(n for n, m in self.models.items() if kind is None or m.card.get("kind") == kind)
+        names = sorted(n for n, m in self.models.items() if kind is None or m.spec.kind == kind)
         return names, len(names) > 1
 
     def get(self, name: str | None, kind: str | None = None, version: str | None = None) -> LoadedModel:
@@ -481,7 +481,7 @@ class Runtime:
         if not self.ready:
             raise ApiError(503, "not_ready", self.failure or "models are still loading; retry shortly")
         models = self.models
-        candidates = sorted(n for n, m in models.items() if kind is None or m.card.get("kind") == kind)
+        candidates = sorted(n for n, m in models.items() if kind is None or m.spec.kind == kind)
         if name is None:
             if len(candidates) != 1:
                 raise ApiError(400, "model_required", f"name a model: this endpoint serves {candidates}",

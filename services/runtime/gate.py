@@ -206,11 +206,11 @@ QUALITY = {"policy": ("mean_return", True), "classifier": ("test_accuracy", True
 # Agreement measures: (serving outputs, candidate outputs, candidate, serving) -> (fraction, what)
 
 def policy_agreement(old, new, candidate, serving):
-    if candidate.card["contract"]["action_space"]["type"] == "Discrete":
+    space = candidate.spec.contract.action_space
+    if space.type == "Discrete":
         return float(np.mean(old[0] == new[0])), "same deterministic action"
-    space = candidate.card["contract"]["action_space"]
     span = np.array([h - lo if h is not None and lo is not None else 2.0
-                     for lo, h in zip(space["low"], space["high"])], np.float32)
+                     for lo, h in zip(space.low, space.high)], np.float32)
     close = np.abs(old[0] - new[0]).reshape(len(old[0]), -1) <= 0.05 * span.reshape(1, -1)
     return float(np.mean(close.all(axis=1))), "deterministic action within 5% of the action range"
 
