@@ -28,7 +28,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-import time
 import unicodedata
 import uuid
 from typing import Annotated, Any
@@ -41,9 +40,10 @@ from services import arrays
 from services.classifier import state as taught_state
 from services.classifier.domains import Domains
 from services.classifier.limits import Limits, check_name, int_field
-from services.classifier.matching import Matcher
 from services.classifier.faces import KINDS, Face, FaceLimits, FacePipeline
-from services.classifier.store import Example, StoreError, TooManyExamples, open_store
+from services.classifier import taught as taught_examples
+from services.classifier.store import Example, StoreError
+from services.classifier.taught import TEACHABLE, TaughtState, embedding_dim, is_faces
 from services.classifier.uploads import (CheckUpload, ClassifyUpload, DetectUpload, EmbedUpload, SimilarUpload,
                                          TeachUpload, decode_batch, decode_photos)
 from services.runtime import VERSION_FIELD, ApiError, Runtime, add_http_layer, api_errors, bad_request, version_of
@@ -51,7 +51,6 @@ from services.runtime.config import service_options, settings_for
 from services.runtime.errors import shown
 
 SERVICE = "classifier"
-TEACHABLE = ("classifier", "face_descriptor")  # kinds whose output can be taught
 log = logging.getLogger("services.classifier")
 
 
@@ -59,15 +58,6 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     z = logits.astype(np.float64) - logits.max(axis=1, keepdims=True)
     e = np.exp(z)
     return e / e.sum(axis=1, keepdims=True)
-
-
-def embedding_dim(model) -> int:
-    output = next(o for o in model.spec.contract.outputs if o.name in ("embedding", "descriptor"))
-    return int(output.shape[1])
-
-
-def is_faces(model) -> bool:
-    return model.card.get("kind") == "face_descriptor"
 
 
 def face_distance(similarity: float) -> float:
@@ -86,27 +76,20 @@ class Classifier:
         self.runtime.serve_checks.append(self.taught_carries_over)
         self.limits = Limits(settings)
         self.faces = FacePipeline(self.runtime, FaceLimits(settings))
-        self.store_url, self.pgvector, self.legacy_state = settings.teach_store, settings.teach_pgvector, \
-            settings.teach_state_path
         self.threshold_override = settings.teach_match_threshold  # None: the card's
         self.face_distance_override = settings.face_match_distance
         self.teach_model_name = settings.teach_model
-        self.store = self.matcher = None
-        self.state_failure: str | None = "the taught-examples store is opening"
-        self.first_attempt = threading.Event()  # set once the store was tried: opened, or said why not
-        threading.Thread(target=self.open_state, name="classifier-store", daemon=True).start()
-        if self.runtime.settings.workers > 1:  # as the runtime does: accept requests once the store is open
-            self.first_attempt.wait()
+        self.taught = TaughtState(self.runtime, settings, self.domains, self.check_name)
+        self.taught.open(wait=self.runtime.settings.workers > 1)  # as the runtime does: ready once it is open
 
     def __is_ready__(self) -> bool:
-        return self.runtime.ready and self.store is not None
+        return self.runtime.ready and self.taught.store is not None
 
     @bentoml.on_shutdown
     def close_store(self) -> None:
         """A graceful stop closes the store: SQLite then folds its -wal file back into the
         database and removes it, PostgreSQL sees its connection end."""
-        if self.store is not None:
-            self.store.close()
+        self.taught.close()
 
     def model_choices(self) -> dict:
         """For /docs.json: the classifiers /classify and /embed take, the models teach and its
@@ -118,100 +101,21 @@ class Classifier:
         return {"/classify": classifiers, "/embed": classifiers} | {
             route: teachable for route in ("/teach", "/check", "/similar", "/taught", "/forget", "/rename")}
 
-    # The store -----------------------------------------------------------------------------
-
-    def open_state(self) -> None:
-        """Open the store once the models are loaded (imported embeddings are checked against
-        them), import a legacy taught.json once, then serve. An unreachable database is tried
-        again every 2 s (PostgreSQL may start after us); a legacy file that cannot be read
-        keeps the service not ready, and the file is left as it is."""
-        try:
-            if self.runtime.wait():
-                for model in self.classifier_versions():
-                    self.domains.check(model)
-            self.connect_store()
-        except ApiError as exc:
-            self.not_ready(exc.message)
-        finally:
-            self.first_attempt.set()
-
-    def connect_store(self) -> None:
-        if not self.runtime.wait():
-            return
-        said = None
-        while True:
-            try:
-                store = open_store(self.store_url, self.pgvector)
-                break
-            except (StoreError, ValueError, OSError, ImportError) as exc:
-                why = f"taught-examples store {self.redacted_url()} cannot be opened: {exc}"
-                if why != said:
-                    self.not_ready(why + " (retrying every 2 s)")
-                    said = why
-                self.first_attempt.set()
-                if isinstance(exc, ValueError):
-                    return  # a wrong TEACH_STORE: retrying will not help
-                time.sleep(2)
-        try:
-            self.import_legacy(store)
-        except (StoreError, ValueError, OSError, TooManyExamples) as exc:
-            return self.not_ready(f"taught state {self.legacy_state} cannot be read: {exc}")
-        try:
-            matcher = Matcher(store)
-            for model in self.teachable_versions():  # each model's cache or index, before ready
-                matcher.prepare(model.card["sha256"], embedding_dim(model))
-        except (StoreError, ApiError) as exc:
-            return self.not_ready(f"taught examples cannot be prepared for search: {getattr(exc, 'message', exc)}")
-        self.matcher, self.store, self.state_failure = matcher, store, None
-        log.info("classifier: taught examples in %s (%s)", self.redacted_url(), store.describe()["search"])
-
-    def not_ready(self, why: str) -> None:
-        self.state_failure = why
-        log.error("classifier: NOT READY - %s", why)
-
-    def import_legacy(self, store) -> None:
-        if not self.legacy_state.exists():
-            return
-        examples = taught_state.read_legacy(self.legacy_state, self.dims(), self.check_name)
-        added = store.import_once(f"imported {self.legacy_state.resolve()}", examples, self.limits.taught_examples)
-        if added is not None:
-            log.info("classifier: imported %d of %d examples from %s (the file is kept; delete it when you like)",
-                     added, len(examples), self.legacy_state)
-
-    def redacted_url(self) -> str:
-        """The store's URL without its password, for logs and /info."""
-        scheme, sep, rest = self.store_url.partition("://")
-        credentials, at, host = rest.rpartition("@")
-        user, colon, _ = credentials.partition(":")
-        return f"{scheme}{sep}{user}{':***' if colon else ''}{at}{host}"
-
     def teachable(self) -> list:
-        """The serving version of each model that can be taught."""
-        return [m for m in self.runtime.models.values() if m.card.get("kind") in TEACHABLE]
-
-    def classifier_versions(self) -> list:
-        return [m for versions in self.runtime.versions.values() for m in versions.values()
-                if m.card.get("kind") == "classifier"]
-
-    def teachable_versions(self) -> list:
-        """Every loaded version that can be taught: each keeps its own taught examples."""
-        return [m for versions in self.runtime.versions.values() for m in versions.values()
-                if m.card.get("kind") in TEACHABLE]
-
-    def dims(self) -> dict[str, int]:
-        return {m.card["sha256"]: embedding_dim(m) for m in self.teachable_versions()}
+        return taught_examples.teachable(self.runtime)
 
     def prepare_search(self, model) -> None:
         """A version loaded live: build its taught-example cache or index before it can serve."""
-        if self.matcher is not None and model.card.get("kind") in TEACHABLE:
-            self.matcher.prepare(model.card["sha256"], embedding_dim(model))
+        if self.taught.matcher is not None and model.card.get("kind") in TEACHABLE:
+            self.taught.matcher.prepare(model.card["sha256"], embedding_dim(model))
 
     def taught_carries_over(self, candidate, serving, force: bool) -> None:
         """Taught examples belong to the version whose embedding made them: a switch to a version
         taught nothing would forget everyone at once. Refused (409) unless forced."""
-        if force or candidate.card.get("kind") not in TEACHABLE or self.store is None:
+        store = self.taught.store
+        if force or candidate.card.get("kind") not in TEACHABLE or store is None:
             return
-        before, after = self.store.count(serving.card["sha256"]), self.store.count(candidate.card["sha256"])
+        before, after = store.count(serving.card["sha256"]), store.count(candidate.card["sha256"])
         if before and not after:
             raise ApiError(409, "untaught_version", f"{candidate.name} version {candidate.version} has no taught "
                            f"examples and the serving version {serving.version} has {before}: teach them to it first "
@@ -221,29 +125,14 @@ class Classifier:
     def check_name(self, name: Any, field: str = "name") -> str:
         return check_name(name, self.limits.name_length, field)
 
-    def require_store(self):
-        if self.store is None:
-            raise ApiError(503, "state_unavailable", self.state_failure or "the store is opening")
-        return self.store
-
-    async def stored(self, method, *args, **kwargs):
-        """Run a blocking store call in a worker thread; store problems become HTTP answers."""
-        try:
-            return await asyncio.to_thread(method, *args, **kwargs)
-        except StoreError as exc:
-            raise ApiError(503, "store_unavailable", str(exc)) from None
-        except TooManyExamples as exc:
-            raise ApiError(409, "too_many_examples", f"the taught state would hold {exc.total} examples, over the "
-                           f"limit of {exc.limit} (MAX_TAUGHT_EXAMPLES); forget some first", "state") from None
-
     def info(self) -> dict:
         teach = None
-        if self.state_failure:
-            teach = {"error": self.state_failure}
+        if self.taught.failure:
+            teach = {"error": self.taught.failure}
         elif self.runtime.ready:
             try:
-                teach = {"default_model": self.default_teach_model(), "store": self.store.describe(), "models": [
-                    {"model": m.name, **self.match_rule(m), "examples": self.store.count(m.card["sha256"]),
+                teach = {"default_model": self.default_teach_model(), "store": self.taught.store.describe(), "models": [
+                    {"model": m.name, **self.match_rule(m), "examples": self.taught.store.count(m.card["sha256"]),
                      "calibration": m.card.get("metrics", {}).get("teach_calibration")} for m in self.teachable()]}
             except (ApiError, StoreError) as exc:
                 teach = {"error": getattr(exc, "message", str(exc))}
@@ -370,7 +259,7 @@ class Classifier:
         return names[0] if len(names) == 1 else None
 
     def teach_model(self, name: str | None = None, version: str | int | None = None):
-        self.require_store()
+        self.taught.require()
         model = self.runtime.get(name if name is not None else self.default_teach_model(), version=version_of(version))
         if model.card.get("kind") not in TEACHABLE:
             raise bad_request("invalid_field", f"model {model.name!r} cannot be taught; teach one of "
@@ -408,10 +297,10 @@ class Classifier:
         name = self.check_name(name)
         model = self.teach_model(model, version)
         embeddings = await self.embeddings(model, images, face)
-        taught = taught_state.now()
+        when = taught_state.now()
         examples = [Example(uuid.uuid4().hex, name, model.name, model.card["sha256"], taught_state.unit(vector, None),
-                            filename[:200], taught) for (filename, _), vector in zip(images, embeddings)]
-        count = await self.stored(self.store.add, examples, self.limits.taught_examples)
+                            filename[:200], when) for (filename, _), vector in zip(images, embeddings)]
+        count = await self.taught.call(self.taught.store.add, examples, self.limits.taught_examples)
         return {"name": name, "ids": [e.id for e in examples], "examples": count, "model": model.name,
                 "version": model.version}
 
@@ -436,7 +325,7 @@ class Classifier:
         nearest = []
         if usable:
             vectors = await self.faces.describe(rgb, usable, model)
-            nearest, _ = await self.stored(self.matcher.nearest, model.card["sha256"], vectors, 1)
+            nearest, _ = await self.taught.call(self.taught.matcher.nearest, model.card["sha256"], vectors, 1)
         answers = dict(zip(map(id, usable), nearest))
         return [f.describe() | (self.result(answers[id(f)], model) if id(f) in answers else
                                 {"name": None, "id": None, "matched": False, "too_small": True}) for f in faces]
@@ -450,10 +339,10 @@ class Classifier:
         sha = teach_model.card["sha256"]
         if is_faces(teach_model):
             results = [{"faces": await self.check_faces(rgb, teach_model)} for rgb in await self.photos(images)]
-            total = await self.stored(self.store.count, sha)
+            total = await self.taught.call(self.taught.store.count, sha)
         else:
             embeddings = await self.embeddings(teach_model, images)
-            nearest, total = await self.stored(self.matcher.nearest, sha, embeddings, 1)
+            nearest, total = await self.taught.call(self.taught.matcher.nearest, sha, embeddings, 1)
             domain = self.domains.answer(teach_model, embeddings)
             results = [self.result(best, teach_model) | (
                 {"in_domain": domain["in_domain"][i], "domain_score": domain["domain_score"][i]}
@@ -469,7 +358,7 @@ class Classifier:
         limit = int_field(limit, "limit", 1, self.limits.similar)
         teach_model = self.teach_model(model, version)
         embeddings = await self.embeddings(teach_model, images, face)
-        nearest, _ = await self.stored(self.matcher.nearest, teach_model.card["sha256"], embeddings, limit)
+        nearest, _ = await self.taught.call(self.taught.matcher.nearest, teach_model.card["sha256"], embeddings, limit)
         faces = is_faces(teach_model)
         answer = [[{"id": m.id, "name": m.name, "similarity": round(m.similarity, 6)} |
                    ({"distance": round(face_distance(m.similarity), 6)} if faces else {}) for m in matches]
@@ -486,7 +375,7 @@ class Classifier:
         version: Annotated[str | int | None, VERSION_FIELD] = None,
     ) -> dict:
         teach_model = self.teach_model(model, version)
-        counts = await self.stored(self.store.counts, teach_model.card["sha256"])
+        counts = await self.taught.call(self.taught.store.counts, teach_model.card["sha256"])
         return {"names": [{"name": n, "examples": c} for n, c in counts.items()], "total": sum(counts.values()),
                 "model": teach_model.name, "version": teach_model.version}
 
@@ -500,7 +389,7 @@ class Classifier:
         # A name is looked up within one model version (a face and a jacket may share it); an id is unique.
         scope = {"model_sha256": self.teach_model(model, version).card["sha256"]} if field == "name" else {}
         try:
-            return await self.stored(method, *args, **{field: value}, **scope)
+            return await self.taught.call(method, *args, **{field: value}, **scope)
         except KeyError:
             raise ApiError(404, "not_taught", f"nothing taught under {field} {shown(value)}", field) from None
 
@@ -514,7 +403,7 @@ class Classifier:
         = None,
         version: Annotated[str | int | None, VERSION_FIELD] = None,
     ) -> dict:
-        store = self.require_store()
+        store = self.taught.require()
         field, value = self.name_or_id(name, id)
         return {"forgotten": await self.changed(store.forget, field, value, model, version)}
 
@@ -529,7 +418,7 @@ class Classifier:
         = None,
         version: Annotated[str | int | None, VERSION_FIELD] = None,
     ) -> dict:
-        store = self.require_store()
+        store = self.taught.require()
         field, value = self.name_or_id(name, id)
         new_name = self.check_name(new_name, "new_name")
         return {"renamed": await self.changed(store.rename, field, value, model, version, new_name), "name": new_name}
@@ -537,7 +426,7 @@ class Classifier:
     @bentoml.api(route="/state/export")
     @api_errors
     async def export_state(self) -> dict:
-        examples = await self.stored(self.require_store().examples)
+        examples = await self.taught.call(self.taught.require().examples)
         return await asyncio.to_thread(taught_state.export, examples)
 
     @bentoml.api(route="/state/import")
@@ -547,11 +436,12 @@ class Classifier:
         state: Annotated[dict, Field(description="a state from /state/export")],
         mode: Annotated[str, Field(description="merge (keep what is taught, add new ids) or replace")] = "merge",
     ) -> dict:
-        store = self.require_store()
+        store = self.taught.require()
         if mode not in ("merge", "replace"):
             raise bad_request("invalid_field", "mode must be merge or replace", "mode")
-        incoming = await asyncio.to_thread(taught_state.parse, state, self.dims(), self.check_name)
-        imported, total = await self.stored(store.load, incoming, mode == "replace", self.limits.taught_examples)
+        dims = taught_examples.dims(self.runtime)
+        incoming = await asyncio.to_thread(taught_state.parse, state, dims, self.check_name)
+        imported, total = await self.taught.call(store.load, incoming, mode == "replace", self.limits.taught_examples)
         return {"imported": imported, "total": total}
 
 

@@ -5,7 +5,8 @@ from pydantic import Field
 
 from services.runtime import connections, hot_path, pauses
 from services.runtime.config import Settings, settings_for
-from services.runtime.core import LoadedModel, Runtime
+from services.runtime.core import Runtime
+from services.runtime.model import LoadedModel
 from services.runtime.errors import ApiError, api_errors, bad_request
 from services.runtime.http import ServiceHttp
 
