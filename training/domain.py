@@ -33,7 +33,7 @@ from tqdm import tqdm
 from services.contracts import imaging, latents
 from services.contracts.domain import SCORE, DomainCheck
 from services.contracts.repository import write_json_atomic
-from training.classifier import augmented_copy
+from training.teach_calibration import augmented_copy
 from training.datasets import load_fashion_mnist
 
 FILE = "domain.npz"

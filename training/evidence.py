@@ -29,6 +29,8 @@ import torch
 
 from services.contracts.repository import write_json_atomic
 from training import classifier as clf
+from training.classifier_nets import normalisation
+from training.labelled_images import Batches, load_data, per_class_subset
 
 METHOD_NAMES = {"finetune": "pretrained + fine-tuning", "probe": "pretrained + linear probe",
                 "scratch": "same architecture from scratch"}
@@ -87,8 +89,8 @@ def main(argv=None):
     card = json.loads(args.card.read_text()) if args.card else None
     args.out.mkdir(parents=True, exist_ok=True)
     prep = {"size": args.image_size, "colour": args.colour, "background": args.background_rgb}
-    mean, std = clf.normalisation(args.backbone)
-    full = clf.load_data(args, prep, np.random.default_rng(args.seed))  # same split as training/classifier.py
+    mean, std = normalisation(args.backbone)
+    full = load_data(args, prep, np.random.default_rng(args.seed))  # same split as training/classifier.py
     full["val"] = tuple(a[:args.val_limit] for a in full["val"])
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
               if k in ("data", "backbone", "weights", "image_size", "colour", "background", "epochs", "batch_size",
@@ -113,7 +115,7 @@ def main(argv=None):
         commands += [c for c in other.get("commands", []) if c not in commands]
     for size in sizes:
         per_class = None if size == "all" else int(size)
-        keep = clf.per_class_subset(full["train"][1], per_class, np.random.default_rng(args.seed + 1))
+        keep = per_class_subset(full["train"][1], per_class, np.random.default_rng(args.seed + 1))
         data = {**full, "train": tuple(a[keep] for a in full["train"])}
         for method in methods:
             label = f"[{size}/class {method}] "
@@ -130,7 +132,7 @@ def main(argv=None):
             run_args.epochs = args.epochs if size == "all" else args.small_epochs
             run_args.epoch_images = 0 if size == "all" else args.epoch_images
             net, history, seconds = clf.run_training(run_args, data, method, args.seed, label)
-            batches = clf.Batches(mean, std, args.background_rgb, augment=False, rng=np.random.default_rng(0))
+            batches = Batches(mean, std, args.background_rgb, augment=False, rng=np.random.default_rng(0))
             logits, _ = clf.predict(net, data["test"][0], batches, desc=f"{label}test")
             acc = clf.accuracy(logits, data["test"][1])
             rows.append({"per_class": size, "method": method, "test_accuracy": acc,

@@ -79,17 +79,17 @@ class Classifier:
         self.threshold_override = settings.teach_match_threshold  # None: the card's
         self.face_distance_override = settings.face_match_distance
         self.teach_model_name = settings.teach_model
-        self.taught = TaughtState(self.runtime, settings, self.domains, self.check_name)
-        self.taught.open(wait=self.runtime.settings.workers > 1)  # as the runtime does: ready once it is open
+        self.taught_state = TaughtState(self.runtime, settings, self.domains, self.check_name)
+        self.taught_state.open(wait=self.runtime.settings.workers > 1)  # as the runtime does: ready once it is open
 
     def __is_ready__(self) -> bool:
-        return self.runtime.ready and self.taught.store is not None
+        return self.runtime.ready and self.taught_state.store is not None
 
     @bentoml.on_shutdown
     def close_store(self) -> None:
         """A graceful stop closes the store: SQLite then folds its -wal file back into the
         database and removes it, PostgreSQL sees its connection end."""
-        self.taught.close()
+        self.taught_state.close()
 
     def model_choices(self) -> dict:
         """For /docs.json: the classifiers /classify and /embed take, the models teach and its
@@ -106,13 +106,13 @@ class Classifier:
 
     def prepare_search(self, model) -> None:
         """A version loaded live: build its taught-example cache or index before it can serve."""
-        if self.taught.matcher is not None and model.card.get("kind") in TEACHABLE:
-            self.taught.matcher.prepare(model.card["sha256"], embedding_dim(model))
+        if self.taught_state.matcher is not None and model.card.get("kind") in TEACHABLE:
+            self.taught_state.matcher.prepare(model.card["sha256"], embedding_dim(model))
 
     def taught_carries_over(self, candidate, serving, force: bool) -> None:
         """Taught examples belong to the version whose embedding made them: a switch to a version
         taught nothing would forget everyone at once. Refused (409) unless forced."""
-        store = self.taught.store
+        store = self.taught_state.store
         if force or candidate.card.get("kind") not in TEACHABLE or store is None:
             return
         before, after = store.count(serving.card["sha256"]), store.count(candidate.card["sha256"])
@@ -127,12 +127,13 @@ class Classifier:
 
     def info(self) -> dict:
         teach = None
-        if self.taught.failure:
-            teach = {"error": self.taught.failure}
+        if self.taught_state.failure:
+            teach = {"error": self.taught_state.failure}
         elif self.runtime.ready:
             try:
-                teach = {"default_model": self.default_teach_model(), "store": self.taught.store.describe(), "models": [
-                    {"model": m.name, **self.match_rule(m), "examples": self.taught.store.count(m.card["sha256"]),
+                store = self.taught_state.store
+                teach = {"default_model": self.default_teach_model(), "store": store.describe(), "models": [
+                    {"model": m.name, **self.match_rule(m), "examples": store.count(m.card["sha256"]),
                      "calibration": m.card.get("metrics", {}).get("teach_calibration")} for m in self.teachable()]}
             except (ApiError, StoreError) as exc:
                 teach = {"error": getattr(exc, "message", str(exc))}
@@ -259,7 +260,7 @@ class Classifier:
         return names[0] if len(names) == 1 else None
 
     def teach_model(self, name: str | None = None, version: str | int | None = None):
-        self.taught.require()
+        self.taught_state.require()
         model = self.runtime.get(name if name is not None else self.default_teach_model(), version=version_of(version))
         if model.card.get("kind") not in TEACHABLE:
             raise bad_request("invalid_field", f"model {model.name!r} cannot be taught; teach one of "
@@ -300,7 +301,7 @@ class Classifier:
         when = taught_state.now()
         examples = [Example(uuid.uuid4().hex, name, model.name, model.card["sha256"], taught_state.unit(vector, None),
                             filename[:200], when) for (filename, _), vector in zip(images, embeddings)]
-        count = await self.taught.call(self.taught.store.add, examples, self.limits.taught_examples)
+        count = await self.taught_state.call(self.taught_state.store.add, examples, self.limits.taught_examples)
         return {"name": name, "ids": [e.id for e in examples], "examples": count, "model": model.name,
                 "version": model.version}
 
@@ -325,7 +326,7 @@ class Classifier:
         nearest = []
         if usable:
             vectors = await self.faces.describe(rgb, usable, model)
-            nearest, _ = await self.taught.call(self.taught.matcher.nearest, model.card["sha256"], vectors, 1)
+            nearest, _ = await self.taught_state.nearest(model.card["sha256"], vectors, 1)
         answers = dict(zip(map(id, usable), nearest))
         return [f.describe() | (self.result(answers[id(f)], model) if id(f) in answers else
                                 {"name": None, "id": None, "matched": False, "too_small": True}) for f in faces]
@@ -339,10 +340,10 @@ class Classifier:
         sha = teach_model.card["sha256"]
         if is_faces(teach_model):
             results = [{"faces": await self.check_faces(rgb, teach_model)} for rgb in await self.photos(images)]
-            total = await self.taught.call(self.taught.store.count, sha)
+            total = await self.taught_state.call(self.taught_state.store.count, sha)
         else:
             embeddings = await self.embeddings(teach_model, images)
-            nearest, total = await self.taught.call(self.taught.matcher.nearest, sha, embeddings, 1)
+            nearest, total = await self.taught_state.nearest(sha, embeddings, 1)
             domain = self.domains.answer(teach_model, embeddings)
             results = [self.result(best, teach_model) | (
                 {"in_domain": domain["in_domain"][i], "domain_score": domain["domain_score"][i]}
@@ -358,7 +359,7 @@ class Classifier:
         limit = int_field(limit, "limit", 1, self.limits.similar)
         teach_model = self.teach_model(model, version)
         embeddings = await self.embeddings(teach_model, images, face)
-        nearest, _ = await self.taught.call(self.taught.matcher.nearest, teach_model.card["sha256"], embeddings, limit)
+        nearest, _ = await self.taught_state.nearest(teach_model.card["sha256"], embeddings, limit)
         faces = is_faces(teach_model)
         answer = [[{"id": m.id, "name": m.name, "similarity": round(m.similarity, 6)} |
                    ({"distance": round(face_distance(m.similarity), 6)} if faces else {}) for m in matches]
@@ -375,7 +376,7 @@ class Classifier:
         version: Annotated[str | int | None, VERSION_FIELD] = None,
     ) -> dict:
         teach_model = self.teach_model(model, version)
-        counts = await self.taught.call(self.taught.store.counts, teach_model.card["sha256"])
+        counts = await self.taught_state.call(self.taught_state.store.counts, teach_model.card["sha256"])
         return {"names": [{"name": n, "examples": c} for n, c in counts.items()], "total": sum(counts.values()),
                 "model": teach_model.name, "version": teach_model.version}
 
@@ -389,7 +390,7 @@ class Classifier:
         # A name is looked up within one model version (a face and a jacket may share it); an id is unique.
         scope = {"model_sha256": self.teach_model(model, version).card["sha256"]} if field == "name" else {}
         try:
-            return await self.taught.call(method, *args, **{field: value}, **scope)
+            return await self.taught_state.call(method, *args, **{field: value}, **scope)
         except KeyError:
             raise ApiError(404, "not_taught", f"nothing taught under {field} {shown(value)}", field) from None
 
@@ -403,7 +404,7 @@ class Classifier:
         = None,
         version: Annotated[str | int | None, VERSION_FIELD] = None,
     ) -> dict:
-        store = self.taught.require()
+        store = self.taught_state.require()
         field, value = self.name_or_id(name, id)
         return {"forgotten": await self.changed(store.forget, field, value, model, version)}
 
@@ -418,7 +419,7 @@ class Classifier:
         = None,
         version: Annotated[str | int | None, VERSION_FIELD] = None,
     ) -> dict:
-        store = self.taught.require()
+        store = self.taught_state.require()
         field, value = self.name_or_id(name, id)
         new_name = self.check_name(new_name, "new_name")
         return {"renamed": await self.changed(store.rename, field, value, model, version, new_name), "name": new_name}
@@ -426,7 +427,7 @@ class Classifier:
     @bentoml.api(route="/state/export")
     @api_errors
     async def export_state(self) -> dict:
-        examples = await self.taught.call(self.taught.require().examples)
+        examples = await self.taught_state.call(self.taught_state.require().examples)
         return await asyncio.to_thread(taught_state.export, examples)
 
     @bentoml.api(route="/state/import")
@@ -436,12 +437,13 @@ class Classifier:
         state: Annotated[dict, Field(description="a state from /state/export")],
         mode: Annotated[str, Field(description="merge (keep what is taught, add new ids) or replace")] = "merge",
     ) -> dict:
-        store = self.taught.require()
+        store = self.taught_state.require()
         if mode not in ("merge", "replace"):
             raise bad_request("invalid_field", "mode must be merge or replace", "mode")
         dims = taught_examples.dims(self.runtime)
         incoming = await asyncio.to_thread(taught_state.parse, state, dims, self.check_name)
-        imported, total = await self.taught.call(store.load, incoming, mode == "replace", self.limits.taught_examples)
+        imported, total = await self.taught_state.call(store.load, incoming, mode == "replace",
+                                                       self.limits.taught_examples)
         return {"imported": imported, "total": total}
 
 

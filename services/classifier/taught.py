@@ -138,6 +138,10 @@ class TaughtState:
             raise ApiError(503, "state_unavailable", self.failure or "the store is opening")
         return self.store
 
+    async def nearest(self, model_sha256: str, queries, k: int):
+        """The k nearest taught examples of each query (matching.py), off the loop."""
+        return await self.call(self.matcher.nearest, model_sha256, queries, k)
+
     async def call(self, method, *args, **kwargs):
         """Run a blocking store call in a worker thread; store problems become HTTP answers."""
         try:
