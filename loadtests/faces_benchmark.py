@@ -63,19 +63,19 @@ def steps(pipeline: Pipeline, rgb: np.ndarray, repeats: int) -> dict[str, float]
     net_input, size = face_geometry.detector_input(rgb)
 
     def detect():
-        boxes, scores = pipeline.detector.run(None, {"image": net_input})
+        boxes, scores = pipeline.detector(net_input)
         return face_geometry.faces_found(boxes[0], scores[0], size)
 
     found = detect()
     crops = [face_geometry.landmark_input(rgb, (x0, y0, x1 - x0, y1 - y0)) for x0, y0, x1, y1, _ in found]
     faces = np.concatenate([c[0] for c in crops])
-    points = pipeline.faces(rgb)
+    points = [face.landmarks for face in pipeline.faces(rgb)]
     chips = np.stack([face_geometry.align(rgb, p) for p in points]).transpose(0, 3, 1, 2).astype(np.float32)
     return {"faces": len(found),
             "detect": median_ms(lambda: (face_geometry.detector_input(rgb), detect()), repeats),
-            "landmarks": median_ms(lambda: pipeline.landmarks.run(None, {"face": faces}), repeats),
+            "landmarks": median_ms(lambda: pipeline.landmarks(faces), repeats),
             "align": median_ms(lambda: [face_geometry.align(rgb, p) for p in points], repeats),
-            "describe": median_ms(lambda: pipeline.descriptor.run(None, {"chip": chips}), repeats),
+            "describe": median_ms(lambda: pipeline.descriptor(chips), repeats),
             "pipeline": median_ms(lambda: [pipeline.describe(rgb, p) for p in pipeline.faces(rgb)], repeats)}
 
 

@@ -11,21 +11,21 @@ from pathlib import Path
 
 import gymnasium as gym
 import numpy as np
-import onnxruntime as ort
 
 from services.contracts import repository
+from services.contracts.predictor import Predictor
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = Path(__file__).resolve().parent / "data" / "policy_rollouts.json"
 
 
 def record(entry: repository.ModelEntry, per_model: int, seed: int) -> dict:
-    session = ort.InferenceSession(str(entry.path), providers=["CPUExecutionProvider"])
+    predict = Predictor.of(entry)
     env = gym.make(entry.card["contract"]["env_id"])
     observations, actions = [], []
     obs, _ = env.reset(seed=seed)
     while len(observations) < per_model:
-        action = session.run(None, {"observation": obs[None].astype(np.float32)})[0][0]
+        action = predict(obs[None])[0][0]
         observations.append(obs.astype(np.float32).tolist())
         actions.append(action.tolist())
         obs, _, terminated, truncated, _ = env.step(action)

@@ -44,6 +44,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from services.contracts.predictor import Predictor
 from services.contracts.latents import SEED_TO_LATENT, TO_UINT8, seed_latents
 from training import cards, gan_quality
 from training.datasets import FASHION_CLASSES, load_fashion_mnist, to_tensor, to_uint8
@@ -100,19 +101,16 @@ def export_onnx(net_g: Generator, path: Path) -> None:
 
 def check_parity(net_g: Generator, path: Path, seed: int, count: int = 1000) -> dict:
     import onnx
-    import onnxruntime as ort
-
     onnx.checker.check_model(str(path), full_check=True)
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    predict = Predictor(path)
     rng = np.random.default_rng(seed + 2)
     latents = rng.standard_normal((count, net_g.nz)).astype(np.float32)
     labels = np.arange(count) % CLASSES
     inputs = np.concatenate([latents, one_hot(labels).numpy()], 1)
-    onnx_out = np.concatenate([session.run(None, {"latent_and_class": inputs[i:i + 100]})[0]
-                               for i in range(0, count, 100)])
+    onnx_out = predict(inputs, rows=100)[0]
     diff = float(np.abs(onnx_out - generate(net_g, latents, labels).numpy()).max())
-    single = np.concatenate([session.run(None, {"latent_and_class": inputs[i:i + 1]})[0] for i in range(64)])
-    whole = session.run(None, {"latent_and_class": inputs[:64]})[0]
+    single = predict(inputs[:64], rows=1)[0]
+    whole = predict(inputs[:64])[0]
     return parity_report({"inputs": count}, diff, single, whole)
 
 

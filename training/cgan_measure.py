@@ -77,14 +77,12 @@ class Judge:
     what the served /classify would answer for each image sent as a PNG."""
 
     def __init__(self, models_dir: Path = Path("models/classifier")):
-        import onnxruntime as ort
-
         from services.contracts import repository
+        from services.contracts.predictor import Predictor
 
         self.entry = repository.resolve(models_dir, "fashion", kind="classifier")
         self.pre = self.entry.card["contract"]["preprocessing"]
-        options = ort.SessionOptions()
-        self.session = ort.InferenceSession(str(self.entry.path), options, providers=["CPUExecutionProvider"])
+        self.predict = Predictor.of(self.entry)
 
     def probabilities(self, images: np.ndarray, batch: int = 250) -> np.ndarray:
         """uint8 [N, 28, 28, 1] -> softmax [N, classes]."""
@@ -96,8 +94,7 @@ class Judge:
         for i in range(0, len(images), batch):
             pixels = np.stack([imaging.prepare(Image.fromarray(im[..., 0]), **imaging.contract_args(self.pre))
                                for im in images[i:i + batch]])
-            logits = self.session.run(["logits"], {"image": imaging.normalise(pixels, self.pre["mean"],
-                                                                             self.pre["std"])})[0]
+            logits = self.predict(imaging.normalise(pixels, self.pre["mean"], self.pre["std"]), outputs=["logits"])[0]
             e = np.exp(logits - logits.max(1, keepdims=True))
             out.append(e / e.sum(1, keepdims=True))
         return np.concatenate(out)

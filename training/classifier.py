@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from services.contracts import imaging
+from services.contracts.predictor import Predictor
 from training import cards
 from training.classifier_nets import BACKBONES, Net, build_net, normalisation
 from training.datasets import load_fashion_mnist
@@ -218,21 +219,14 @@ def export_onnx(net: Net, size: int, path: Path, opset: int = 17) -> None:
 def check_parity(net: Net, path: Path, images: np.ndarray, mean, std) -> dict:
     """The ONNX graph against torch on real test images, fed through imaging.normalise (as served)."""
     import onnx
-    import onnxruntime as ort
-
     onnx.checker.check_model(str(path), full_check=True)
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    predict = Predictor(path)
     x = imaging.normalise(images, mean, std)
-    onnx_logits, onnx_emb = [], []
-    for start in range(0, len(x), 64):  # several batch sizes exercise the dynamic batch axis
-        part = session.run(None, {"image": x[start:start + 64]})
-        onnx_logits.append(part[0])
-        onnx_emb.append(part[1])
-    single = session.run(None, {"image": x[:1]})
+    onnx_logits, onnx_emb = predict(x, rows=64)  # several batch sizes exercise the dynamic batch axis
+    single = predict(x[:1])
     net = copy.deepcopy(net).eval().to(memory_format=torch.contiguous_format)
     with torch.no_grad():
         ref_logits, ref_emb = (t.numpy() for t in net(torch.from_numpy(x)))
-    onnx_logits, onnx_emb = np.concatenate(onnx_logits), np.concatenate(onnx_emb)
     report = {"images": int(len(x)), "source": "test images, preprocessed by services/contracts/imaging.py",
               "max_abs_diff_logits": float(np.abs(onnx_logits - ref_logits).max()),
               "max_abs_diff_embedding": float(np.abs(onnx_emb - ref_emb).max()),

@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from services.contracts import imaging, latents
 from services.contracts.domain import SCORE, DomainCheck
+from services.contracts.predictor import Predictor
 from services.contracts.repository import write_json_atomic
 from training.teach_calibration import augmented_copy
 from training.datasets import load_fashion_mnist
@@ -52,18 +53,16 @@ class Embedder:
     """The exported model on the CPU, through the service's own preprocessing."""
 
     def __init__(self, version_dir: Path, card: dict):
-        import onnxruntime as ort
-
         self.prep = card["contract"]["preprocessing"]
         self.args = imaging.contract_args(self.prep)
-        self.session = ort.InferenceSession(str(version_dir / card["file"]), providers=["CPUExecutionProvider"])
+        self.predict = Predictor(version_dir / card["file"])
 
     def __call__(self, images: list[Image.Image], label: str) -> tuple[np.ndarray, np.ndarray]:
         logits, embeddings = [], []
         for start in tqdm(range(0, len(images), 256), desc=f"embed {label}", unit="batch", leave=False):
             x = imaging.normalise(np.stack([imaging.prepare(i, **self.args) for i in images[start:start + 256]]),
                                   self.prep["mean"], self.prep["std"])
-            out = dict(zip(("logits", "embedding"), self.session.run(["logits", "embedding"], {"image": x})))
+            out = dict(zip(("logits", "embedding"), self.predict(x, outputs=["logits", "embedding"])))
             logits.append(out["logits"]), embeddings.append(out["embedding"])
         return np.concatenate(logits), np.concatenate(embeddings)
 
@@ -125,17 +124,15 @@ def drawings(rng, n: int = 500) -> list[Image.Image]:
 
 def generated(n_per_version: int = 500) -> dict[str, list[Image.Image]]:
     """Each shipped generator version's images, classes in turn for a conditional one."""
-    import onnxruntime as ort
-
     out = {}
     for card_path in sorted(GENERATORS.glob("*/model.json")):
         card = json.loads(card_path.read_text())
         contract = card["contract"]
-        session = ort.InferenceSession(str(card_path.parent / card["file"]), providers=["CPUExecutionProvider"])
+        predict = Predictor(card_path.parent / card["file"])
         classes = contract.get("classes")
         labels = np.arange(n_per_version) % len(classes) if classes else None
         x = latents.model_inputs(latents.seed_latents(range(n_per_version), contract["latent_dim"]), labels, classes)
-        images = latents.to_uint8(session.run(None, {session.get_inputs()[0].name: x})[0])
+        images = latents.to_uint8(predict(x)[0])
         out[f"generator v{card['version']}"] = [Image.fromarray(i[:, :, 0]) for i in images]
     return out
 

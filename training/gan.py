@@ -33,6 +33,7 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
+from services.contracts.predictor import Predictor
 from services.contracts.latents import SEED_TO_LATENT, TO_UINT8, image_grid, seed_latents
 from training import cards, gan_quality
 from training.datasets import load_images, to_tensor, to_uint8
@@ -223,18 +224,16 @@ def export_onnx(net_g: Generator, nz: int, path: Path) -> None:
 
 def check_parity(net_g: Generator, path: Path, nz: int, seed: int, count: int = 1000) -> dict:
     import onnx
-    import onnxruntime as ort
-
     onnx.checker.check_model(str(path), full_check=True)
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    predict = Predictor(path)
     latents = np.concatenate([seed_latents(range(GRID_SEEDS), nz),
                               np.random.default_rng(seed + 2).standard_normal((count - GRID_SEEDS, nz)).astype(np.float32)])
-    onnx_out = np.concatenate([session.run(None, {"latent": latents[i:i + 100]})[0] for i in range(0, count, 100)])
+    onnx_out = predict(latents, rows=100)[0]
     torch_out = generate(net_g, latents).numpy()
     diff = float(np.abs(onnx_out - torch_out).max())
     # The service merges requests into batches of any size: a row's image must not depend on them.
-    single = np.concatenate([session.run(None, {"latent": latents[i:i + 1]})[0] for i in range(GRID_SEEDS)])
-    whole = session.run(None, {"latent": latents[:GRID_SEEDS]})[0]
+    single = predict(latents[:GRID_SEEDS], rows=1)[0]
+    whole = predict(latents[:GRID_SEEDS])[0]
     return parity_report({"latents": count}, diff, single, whole)
 
 

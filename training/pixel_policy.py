@@ -33,11 +33,11 @@ from pathlib import Path
 
 import gymnasium as gym
 import numpy as np
-import onnxruntime as ort
 import torch
 from torch import nn
 from tqdm import tqdm
 
+from services.contracts.predictor import Predictor
 from services.contracts.pixels import BLOCK, CROP_ROWS, FRAME_SHAPE, FRAMES, LUMA, FrameStack, camera_frame
 from training import cards
 
@@ -110,10 +110,10 @@ class Teacher:
     """The shipped state policy (its ONNX file), reading the true state."""
 
     def __init__(self, path: Path):
-        self.session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        self.predict = Predictor(path)
 
     def __call__(self, state: np.ndarray):
-        action, probabilities, value = self.session.run(None, {"observation": state[None].astype(np.float32)})
+        action, probabilities, value = self.predict(state[None])
         return int(action[0]), probabilities[0], float(value[0])
 
 
@@ -193,8 +193,7 @@ def check_parity(student: PixelPolicy, onnx_path: Path, frames: np.ndarray) -> d
     import onnx
 
     onnx.checker.check_model(str(onnx_path), full_check=True)
-    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    action, probabilities, value = session.run(None, {"observation": frames})
+    action, probabilities, value = Predictor(onnx_path)(frames)
     with torch.no_grad():
         ref = Exported(student).eval()(torch.from_numpy(frames))
     report = {"observations": int(len(frames)), "source": "frames of the 100 evaluation episodes",

@@ -31,6 +31,7 @@ from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.env_util import make_vec_env
 from tqdm import tqdm
 
+from services.contracts.predictor import Predictor
 from training import cards
 
 # Hyperparameters from rl-baselines3-zoo, which solve these environments reliably.
@@ -151,11 +152,8 @@ def export_onnx(model, obs_shape: tuple, path: Path) -> list[str]:
 def check_parity(model, onnx_path: Path, observations: np.ndarray) -> dict:
     """Compare the ONNX graph with the torch policy that SB3 itself uses to act."""
     import onnx
-    import onnxruntime as ort
-
     onnx.checker.check_model(str(onnx_path), full_check=True)
-    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    onnx_action, onnx_second, onnx_value = session.run(None, {"observation": observations})
+    onnx_action, onnx_second, onnx_value = Predictor(onnx_path)(observations)
     torch_action, _ = model.predict(observations, deterministic=True)
     discrete = isinstance(model.action_space, gym.spaces.Discrete)
     with torch.no_grad():

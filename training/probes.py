@@ -28,6 +28,7 @@ import numpy as np
 from tqdm import tqdm
 
 from services.contracts import repository
+from services.contracts.predictor import Predictor
 
 FACE_FIXTURES = Path("tests/fixtures/faces")
 DETECTOR_PHOTOS = ("group_1.jpg", "group_2.jpg", "obama.jpg", "biden.jpg")
@@ -36,9 +37,7 @@ PIXEL_OBSERVATIONS = 500  # a pixel policy's probes: camera observations kept
 
 def policy_probes(entry: repository.ModelEntry, observations: int, episodes: int, seed: int) -> dict:
     import gymnasium as gym
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(str(entry.path), providers=["CPUExecutionProvider"])
+    predict = Predictor.of(entry)
     env_id = entry.card["contract"]["env_id"]
     camera = "camera" in entry.card["contract"]  # a pixel policy: it sees frames, 15 KB each
     if camera:
@@ -54,7 +53,7 @@ def policy_probes(entry: repository.ModelEntry, observations: int, episodes: int
         done, total = False, 0.0
         while not done:
             seen.append(np.asarray(obs, dtype))
-            action = session.run(["action"], {"observation": seen[-1][None]})[0][0]
+            action = predict(seen[-1][None], outputs=["action"])[0][0]
             obs, reward, terminated, truncated, _ = env.step(action)
             total, done = total + float(reward), terminated or truncated
         returns.append(total)

@@ -13,6 +13,7 @@ import numpy as np
 from PIL import Image
 
 from services.contracts import imaging
+from services.contracts.predictor import Predictor
 from training.datasets import load_fashion_mnist
 
 
@@ -41,15 +42,13 @@ def calibrate_threshold(path: Path, images: np.ndarray, labels: np.ndarray, prep
     """Cosine similarities of the served embedding for the same item (against an augmented
     copy) and for pairs of items of different classes; the threshold is the lowest that keeps
     the false-match rate over different-class pairs at or below the target."""
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    predict = Predictor(path)
     rng = np.random.default_rng(seed + 7)
     pick = rng.choice(len(images), size=min(pairs, len(images)), replace=False)
 
     def embed(pils):
         x = imaging.normalise(np.stack([imaging.prepare(p, **prep) for p in pils]), mean, std)
-        return np.concatenate([session.run(["embedding"], {"image": x[i:i + 128]})[0] for i in range(0, len(x), 128)])
+        return predict(x, outputs=["embedding"], rows=128)[0]
 
     originals = [Image.fromarray(images[i]) for i in pick]
     copies = [augmented_copy(p, rng) for p in originals]

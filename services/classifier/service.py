@@ -40,12 +40,13 @@ from services import arrays
 from services.classifier import state as taught_state
 from services.classifier.domains import Domains
 from services.classifier.limits import Limits, check_name, int_field
-from services.classifier.faces import KINDS, Face, FaceLimits, FacePipeline
+from services.classifier.faces import KINDS, FaceLimits, FacePipeline
 from services.classifier import taught as taught_examples
 from services.classifier.store import Example, StoreError
 from services.classifier.taught import TEACHABLE, TaughtState, embedding_dim, is_faces
 from services.classifier.uploads import (CheckUpload, ClassifyUpload, DetectUpload, EmbedUpload, SimilarUpload,
                                          TeachUpload, decode_batch, decode_photos)
+from services.contracts.face_pipeline import Face
 from services.runtime import VERSION_FIELD, ApiError, Runtime, add_http_layer, api_errors, bad_request, version_of
 from services.runtime.config import service_options, settings_for
 from services.runtime.errors import shown

@@ -28,12 +28,12 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 import torch
 from PIL import Image
 from tqdm import tqdm
 
 from services.contracts import face_geometry, imaging
+from services.contracts.predictor import Predictor
 from training.cards import new_version_dir, write_card
 
 ANIMALS = range(0, 398)  # ImageNet-1k: 0 tench ... 397 puffer are animals; 398 abacus onwards are not
@@ -125,7 +125,7 @@ def measure(path: Path, net) -> dict:
     from training.faces.evaluate import Pipeline
 
     detect = Pipeline(REPOSITORY).boxes  # the service's detection step, at its default FACE_MIN_SCORE
-    check = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    check = Predictor(path)
     people, others = photos()
     rows, parity = [], 0.0
     for group, images in (("people", people), ("no person", others)):
@@ -135,7 +135,7 @@ def measure(path: Path, net) -> dict:
                 rows.append({"photo": name, "group": group, "faces": 0})
                 continue
             x = face_geometry.animal_input(rgb, [f[:4] for f in found])
-            animal, probabilities = check.run(None, {"image": x})
+            animal, probabilities = check(x)
             with torch.no_grad():
                 reference = net(torch.from_numpy(x)).softmax(1).numpy()
             parity = max(parity, float(np.abs(probabilities - reference).max()))

@@ -5,12 +5,13 @@ robustness to re-encoding, flipping, shifting and resizing, and agreement with d
 
     python -m training.faces.evaluate            # prints the figures the `faces` card records
 
-It runs the exported ONNX files with onnxruntime and services/contracts/face_geometry.py: the served
-pipeline's own steps, without the service (training never imports a service).
+It runs the exported ONNX files through the served pipeline itself (services/contracts/face_pipeline.py),
+without the service (training never imports a service).
 """
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import sys
@@ -18,10 +19,11 @@ from itertools import combinations
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 from PIL import Image
 
 from services.contracts import face_geometry, imaging
+from services.contracts.face_pipeline import Face, FacePipeline, SyncNetwork
+from services.contracts.predictor import Predictor
 from services.contracts.repository import resolve
 
 FIXTURES = Path(__file__).resolve().parents[2] / "tests" / "fixtures" / "faces"
@@ -34,33 +36,27 @@ def load_photo(path: Path | str) -> np.ndarray:
 
 
 class Pipeline:
-    """detect -> landmarks -> align -> describe, synchronously, on onnxruntime's CPU provider."""
+    """The served face pipeline (services/contracts/face_pipeline.py) over the exported files,
+    synchronously on onnxruntime's CPU provider, at the service's default settings."""
 
     def __init__(self, models_dir: Path, descriptor_path: Path | None = None):
-        def session(name: str, path: Path | None = None):
-            path = path or resolve(models_dir, name).path
-            return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-
-        self.detector, self.landmarks = session("face_detector"), session("face_landmarks")
-        self.descriptor = session("faces", descriptor_path)
+        self.detector = Predictor(resolve(models_dir, "face_detector").path)
+        self.landmarks = Predictor(resolve(models_dir, "face_landmarks").path)
+        self.descriptor = Predictor(descriptor_path or resolve(models_dir, "faces").path)
+        networks = {"face_detector": SyncNetwork(self.detector), "face_landmarks": SyncNetwork(self.landmarks)}
+        self.pipeline = FacePipeline(networks.__getitem__, max_faces=None)
 
     def boxes(self, rgb: np.ndarray) -> list[tuple]:
         """(x0, y0, x1, y1, score) of every detection, biggest first (FACE_MIN_SCORE's default 0.5)."""
-        net_input, size = face_geometry.detector_input(rgb)
-        boxes, scores = self.detector.run(None, {"image": net_input})
-        return face_geometry.faces_found(boxes[0], scores[0], size)
+        return asyncio.run(self.pipeline.boxes(rgb))
 
-    def faces(self, rgb: np.ndarray) -> list[np.ndarray]:
-        """68 landmarks of every face, biggest first."""
-        points = []
-        for x0, y0, x1, y1, _ in self.boxes(rgb):
-            face, crop = face_geometry.landmark_input(rgb, (x0, y0, x1 - x0, y1 - y0))
-            points.append(face_geometry.landmark_points(self.landmarks.run(None, {"face": face})[0][0], crop))
-        return points
+    def faces(self, rgb: np.ndarray) -> list[Face]:
+        """Every face with its 68 landmarks, biggest first."""
+        return asyncio.run(self.pipeline.find(rgb))
 
-    def describe(self, rgb: np.ndarray, points: np.ndarray) -> np.ndarray:
-        chip = face_geometry.align(rgb, points).transpose(2, 0, 1)[None].astype(np.float32)
-        return self.descriptor.run(None, {"chip": chip})[0][0]
+    def describe(self, rgb: np.ndarray, face: Face) -> np.ndarray:
+        """dlib's raw descriptor of one face (not unit length: the threshold is derived from its length)."""
+        return asyncio.run(self.pipeline.descriptors(rgb, [face], SyncNetwork(self.descriptor)))[0]
 
     def biggest(self, rgb: np.ndarray) -> np.ndarray:
         return self.describe(rgb, self.faces(rgb)[0])
@@ -139,7 +135,7 @@ def draw_examples(models_dir: Path, out: Path, descriptor_path: Path | None = No
         rgb = load_photo(FIXTURES / f"{name}.jpg")
         image = Image.fromarray(rgb)
         draw = ImageDraw.Draw(image)
-        all_points = pipeline.faces(rgb)
+        all_points = [face.landmarks for face in pipeline.faces(rgb)]
         for points in all_points:
             x0, y0 = points.min(0)
             x1, y1 = points.max(0)

@@ -25,9 +25,9 @@ import time
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 import torch
 
+from services.contracts.predictor import Predictor
 from training.cards import new_version_dir, write_card
 from training.faces import compact, descriptor, detector, landmarks
 
@@ -66,8 +66,7 @@ def export(net: torch.nn.Module, example: torch.Tensor, path: Path, input_name: 
 
 
 def run_onnx(path: Path, inputs: np.ndarray) -> list[np.ndarray]:
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return session.run(None, {session.get_inputs()[0].name: inputs.astype(np.float32)})
+    return Predictor(path)(inputs)
 
 
 def parity_detector(path: Path) -> dict:
