@@ -46,7 +46,7 @@ from tqdm import tqdm
 
 from services.contracts.predictor import Predictor
 from services.contracts.latents import SEED_TO_LATENT, TO_UINT8, seed_latents
-from training import cards, gan_quality
+from training import export, gan_quality
 from training.datasets import FASHION_CLASSES, load_fashion_mnist, to_tensor, to_uint8
 from training.cgan_measure import fid_now, measure
 from training.cgan_nets import (CLASSES, Discriminator, Exported, Generator, discriminator_loss, generate,
@@ -94,14 +94,10 @@ def plot_curves(history: list[dict], epochs: list[dict], per_epoch: int, out: Pa
 
 def export_onnx(net_g: Generator, path: Path) -> None:
     module = Exported(copy.deepcopy(net_g)).eval()
-    torch.onnx.export(module, (torch.zeros(2, net_g.nz + CLASSES),), str(path), input_names=["latent_and_class"],
-                      output_names=["image"], dynamic_axes={"latent_and_class": {0: "batch"}, "image": {0: "batch"}},
-                      opset_version=17, dynamo=False)
+    export.export_onnx(module, torch.zeros(2, net_g.nz + CLASSES), path, ["latent_and_class"], ["image"])
 
 
 def check_parity(net_g: Generator, path: Path, seed: int, count: int = 1000) -> dict:
-    import onnx
-    onnx.checker.check_model(str(path), full_check=True)
     predict = Predictor(path)
     rng = np.random.default_rng(seed + 2)
     latents = rng.standard_normal((count, net_g.nz)).astype(np.float32)
@@ -313,7 +309,7 @@ def main(argv=None):
         return args.run_dir
 
     # 3. Export and check.
-    out = cards.new_version_dir(args.models_dir, args.name, args.version)
+    out = export.new_version_dir(args.models_dir, args.name, args.version)
     onnx_path = out / "model.onnx"
     export_onnx(sampler, onnx_path)
     parity = check_parity(sampler, onnx_path, args.seed)
@@ -366,7 +362,7 @@ def main(argv=None):
             "to_uint8": TO_UINT8 + " (then transpose to [N, H, W, C])",
         },
     }
-    cards.write_card(out, card, extra_packages=["torch", "onnx"])
+    export.write_card(out, card, extra_packages=["torch", "onnx"])
     (out / "report.md").write_text(report(card, args.models_dir))
     print(f"wrote {out}: FID {metrics['fid']:.2f}, class fidelity {metrics['class_fidelity']['agreement']:.3f}")
     return out

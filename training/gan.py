@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from services.contracts.predictor import Predictor
 from services.contracts.latents import SEED_TO_LATENT, TO_UINT8, image_grid, seed_latents
-from training import cards, gan_quality
+from training import export, gan_quality
 from training.datasets import load_images, to_tensor, to_uint8
 
 GRID_SEEDS = 64  # the fixed latent batch: seeds 0..63, the same images the service gives for them
@@ -218,13 +218,10 @@ def measure(net_g: Generator, untrained: Generator, train: np.ndarray, held: np.
 
 def export_onnx(net_g: Generator, nz: int, path: Path) -> None:
     module = FlatLatentGenerator(net_g).eval()
-    torch.onnx.export(module, (torch.zeros(2, nz),), str(path), input_names=["latent"], output_names=["image"],
-                      dynamic_axes={"latent": {0: "batch"}, "image": {0: "batch"}}, opset_version=17, dynamo=False)
+    export.export_onnx(module, torch.zeros(2, nz), path, ["latent"], ["image"])
 
 
 def check_parity(net_g: Generator, path: Path, nz: int, seed: int, count: int = 1000) -> dict:
-    import onnx
-    onnx.checker.check_model(str(path), full_check=True)
     predict = Predictor(path)
     latents = np.concatenate([seed_latents(range(GRID_SEEDS), nz),
                               np.random.default_rng(seed + 2).standard_normal((count - GRID_SEEDS, nz)).astype(np.float32)])
@@ -249,10 +246,7 @@ def parity_report(inputs: dict, diff: float, single: np.ndarray, whole: np.ndarr
         "uint8_identical_batch_of_1_vs_64": bool(np.array_equal(to_uint8(single), to_uint8(whole))),
         "onnx_checker": "passed (full_check)",
     }
-    report["passed"] = bool(diff <= 1e-4)
-    if not report["passed"]:
-        raise SystemExit(f"ONNX parity failed: {report}")
-    return report
+    return export.parity(report, diff <= 1e-4)
 
 
 def write_checkpoint(path: Path, args, shuffle: torch.Generator, modules: dict, **progress) -> None:
@@ -407,7 +401,7 @@ def main(argv=None):
         raise SystemExit(f"FID {metrics['fid']:.2f} is above --max-fid {args.max_fid}")
 
     # 3. Export and check.
-    out = cards.new_version_dir(args.models_dir, args.name, args.version)
+    out = export.new_version_dir(args.models_dir, args.name, args.version)
     onnx_path = out / "model.onnx"
     export_onnx(net_g, args.nz, onnx_path)
     parity = check_parity(net_g, onnx_path, args.nz, args.seed)
@@ -457,7 +451,7 @@ def main(argv=None):
             "to_uint8": TO_UINT8 + " (then transpose to [N, H, W, C])",
         },
     }
-    cards.write_card(out, card, extra_packages=["torch", "onnx"])
+    export.write_card(out, card, extra_packages=["torch", "onnx"])
     print(f"wrote {out}: FID {metrics['fid']:.2f}")
     return out
 

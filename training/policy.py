@@ -32,7 +32,7 @@ from stable_baselines3.common.env_util import make_vec_env
 from tqdm import tqdm
 
 from services.contracts.predictor import Predictor
-from training import cards
+from training import export
 
 # Hyperparameters from rl-baselines3-zoo, which solve these environments reliably.
 PRESETS: dict[str, dict] = {
@@ -140,19 +140,12 @@ def export_onnx(model, obs_shape: tuple, path: Path) -> list[str]:
     module = OnnxPolicy(model).eval()
     discrete = module.discrete
     outputs = ["action", "probabilities" if discrete else "action_std", "value"]
-    dummy = torch.zeros((2, *obs_shape), dtype=torch.float32)
-    torch.onnx.export(
-        module, (dummy,), str(path), input_names=["observation"], output_names=outputs,
-        dynamic_axes={name: {0: "batch"} for name in ["observation", *outputs]},
-        opset_version=17, dynamo=False,
-    )
+    export.export_onnx(module, torch.zeros((2, *obs_shape), dtype=torch.float32), path, ["observation"], outputs)
     return outputs
 
 
 def check_parity(model, onnx_path: Path, observations: np.ndarray) -> dict:
     """Compare the ONNX graph with the torch policy that SB3 itself uses to act."""
-    import onnx
-    onnx.checker.check_model(str(onnx_path), full_check=True)
     onnx_action, onnx_second, onnx_value = Predictor(onnx_path)(observations)
     torch_action, _ = model.predict(observations, deterministic=True)
     discrete = isinstance(model.action_space, gym.spaces.Discrete)
@@ -168,10 +161,7 @@ def check_parity(model, onnx_path: Path, observations: np.ndarray) -> dict:
     }
     ok = (report["actions_identical"] and report["max_abs_diff_second_output"] <= 1e-5
           and report["max_abs_diff_value"] <= 1e-4)
-    report["passed"] = bool(ok)
-    if not ok:
-        raise SystemExit(f"ONNX parity failed: {report}")
-    return report
+    return export.parity(report, ok)
 
 
 def space_contract(space: gym.Space) -> dict:
@@ -263,7 +253,7 @@ def main(argv=None):
         raise SystemExit(f"mean return {returns.mean():.2f} is below --min-return {args.min_return}")
 
     # 3-4. Export and check.
-    out = cards.new_version_dir(args.models_dir, name, args.version)
+    out = export.new_version_dir(args.models_dir, name, args.version)
     onnx_path = out / "model.onnx"
     outputs = export_onnx(model, obs_space.shape, onnx_path)
     rng = np.random.default_rng(args.seed)
@@ -295,7 +285,7 @@ def main(argv=None):
             "duration_s": round(train_seconds, 1),
             "learning_curve": [{"timesteps": s, "mean_return": m, "std_return": d} for s, m, d in curve.points],
         },
-        "metrics": cards.return_metrics(returns, eval_seed, reward_threshold),
+        "metrics": export.return_metrics(returns, eval_seed, reward_threshold),
         "export": {"opset": 17, "parity": parity},
         "contract": {
             "env_id": args.env,
@@ -312,7 +302,7 @@ def main(argv=None):
             "action_meanings": ACTION_MEANINGS.get(args.env) if discrete else None,
         },
     }
-    cards.write_card(out, card, extra_packages=["torch", "stable_baselines3", "gymnasium", "onnx"])
+    export.write_card(out, card, extra_packages=["torch", "stable_baselines3", "gymnasium", "onnx"])
     print(f"wrote {out}: mean return {returns.mean():.2f}")
     return out
 

@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from services.contracts import face_geometry, imaging
 from services.contracts.predictor import Predictor
-from training.cards import new_version_dir, write_card
+from training.export import export_onnx, new_version_dir, write_card
 
 ANIMALS = range(0, 398)  # ImageNet-1k: 0 tench ... 397 puffer are animals; 398 abacus onwards are not
 THRESHOLD = 0.5
@@ -179,15 +179,14 @@ def main(argv: list[str] | None = None) -> None:
     net, weights = imagenet_net()
     out = new_version_dir(args.models_dir, "face_animal_check", args.version)
     path = out / "model.onnx"
-    torch.onnx.export(AnimalShare(net).eval(), torch.zeros(2, 3, face_geometry.ANIMAL_SIZE, face_geometry.ANIMAL_SIZE), str(path),
-                      input_names=["image"], output_names=["animal", "probabilities"], opset_version=17,
-                      dynamic_axes={"image": {0: "N"}, "animal": {0: "N"}, "probabilities": {0: "N"}}, dynamo=False)
+    size = face_geometry.ANIMAL_SIZE
+    export_onnx(AnimalShare(net), torch.zeros(2, 3, size, size), path, ["image"], ["animal", "probabilities"],
+                batch_axis="N")  # the shipped file's name for it: re-exports stay byte for byte
     store_float16(path)
     metrics = measure(path, net)
     print(f"detector alone: {metrics['detector_alone']}\nwith the animal check: {metrics['with_animal_check']}")
     from torchvision.models._meta import _IMAGENET_CATEGORIES
 
-    size = face_geometry.ANIMAL_SIZE
     card = {
         "name": "face_animal_check", "version": out.name, "kind": "face_animal_check",
         "description": "EfficientNet-Lite0 (ImageNet-1k), asked whether the square around a detected face shows "

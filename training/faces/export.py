@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from services.contracts.predictor import Predictor
-from training.cards import new_version_dir, write_card
+from training.export import export_onnx, new_version_dir, write_card
 from training.faces import compact, descriptor, detector, landmarks
 
 PACKAGE, PACKAGE_VERSION = "@vladmandic/face-api", "1.7.15"
@@ -58,9 +58,7 @@ def fetch_face_api(cache: Path) -> Path:
 
 
 def export(net: torch.nn.Module, example: torch.Tensor, path: Path, input_name: str, output_names: list[str]) -> None:
-    dynamic = {name: {0: "batch"} for name in [input_name, *output_names]}
-    torch.onnx.export(net, (example,), str(path), input_names=[input_name], output_names=output_names,
-                      dynamic_axes=dynamic, opset_version=17, dynamo=False)
+    export_onnx(net, example, path, [input_name], output_names)
     before, after = compact.compact(path)
     print(f"  {path}: {before / 1e6:.1f} MB as float32, {after / 1e6:.1f} MB with one-byte weights")
 
