@@ -391,12 +391,12 @@ def card_edited(models: Path, service: str, name: str, version: str, edit) -> No
 
 
 def in_process_runtime(models: Path, tmp_path: Path, service: str, kind, monkeypatch, pins: str = "fashion=1"):
-    from services.runtime import Runtime
+    from services.runtime import Runtime, Settings
 
     for key, value in {"MODELS_DIR": str(models), "MODEL_CONTROL_DIR": str(tmp_path / "control"),
                        "MODEL_VERSIONS": pins}.items():
         monkeypatch.setenv(key, value)
-    runtime = Runtime(service, kind)
+    runtime = Runtime(service, kind, Settings.from_env(service))  # this test's settings, not the process's
     assert runtime.wait(120), runtime.failure
     return runtime
 
@@ -523,3 +523,11 @@ def test_a_service_hook_that_fails_on_another_workers_load_leaves_the_worker_ser
     assert runtime._load_quietly("cartpole", "2") is None
     assert "statistics unreadable" in runtime.refused["cartpole"]["2"]
     assert runtime.get("cartpole").version == "1" and "2" not in runtime.versions["cartpole"]
+    # Loaded over the admin API, the same failure is a 422 naming it, not a 500.
+    from services.runtime import ApiError
+
+    del runtime.refused["cartpole"]["2"]
+    with pytest.raises(ApiError) as refused:
+        runtime.load_version("cartpole", "2")
+    assert refused.value.status == 422 and refused.value.code == "version_refused"
+    assert "statistics unreadable" in refused.value.message and "2" not in runtime.versions["cartpole"]

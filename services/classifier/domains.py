@@ -25,13 +25,13 @@ class Domains:
         self.override = float("nan") if override is None else override
 
     def threshold(self, model) -> float | None:
-        spec = model.spec.contract.domain
+        spec = getattr(model.spec.contract, "domain", None)  # classifiers only
         if not spec:
             return None
         return spec.threshold if np.isnan(self.override) else self.override
 
     def check(self, model) -> DomainCheck | None:
-        spec = model.spec.contract.domain
+        spec = getattr(model.spec.contract, "domain", None)  # classifiers only
         if not spec:
             return None
         sha = model.spec.sha256

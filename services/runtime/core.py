@@ -278,8 +278,15 @@ class Runtime:
                             report["reason"])
                 raise ApiError(422, "gate_failed", f"{name} version {version} did not pass the gate: "
                                f"{report['reason']}", field="version", gate=report)
-            for hook in self.on_load:
-                hook(model)
+            try:
+                for hook in self.on_load:
+                    hook(model)
+            except Exception as exc:  # noqa: BLE001 - the service's own preparation: refused, said why, never a 500
+                reason = f"the service could not prepare it: {type(exc).__name__}: {clip(str(exc), 300)}"
+                self.refused.setdefault(name, {})[version] = reason
+                self._discard(model)
+                log.warning("%s: %s version %s refused: %s", self.service, name, version, reason)
+                raise ApiError(422, "version_refused", f"{name} version {version}: {reason}", field="version") from None
             self._record(name, lambda chosen: chosen["loaded"].append(version), undo=lambda: self._discard(model))
             self._add(model)
             log.info("%s: %s version %s passed the gate (%s)", self.service, name, version,
