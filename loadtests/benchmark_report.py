@@ -106,7 +106,7 @@ def report(results: dict, command: str, server_cores: set[int], client_cores: se
              "served / floor: our service's requests/s over a bare BentoML service's with the same endpoint and a "
              "fixed answer of the same size (`services/floor.py`), both driven by wrk in alternating slices; "
              "\"floor + fixes\" is that bare service with the fixes to BentoML our services run with "
-             "(`services/runtime/pauses.py`, `hot_path.py`), so it isolates the cost of our own code. "
+             "(`services/runtime/patches/pauses.py`, `hot_path.py`), so it isolates the cost of our own code. "
              "p99 / p50: latency at 64 clients, batching on, from the benchmark's own client.", "",
              "| service | served / floor, 1 conn | served / floor, 64 conn | served / (floor + fixes), 1 | "
              "served / (floor + fixes), 64 | p99 / p50 at 64 clients | served / raw at saturation |",

@@ -20,7 +20,7 @@ from typing import Any
 
 import bentoml
 
-from services.runtime import hot_path, pauses
+from services.runtime.patches import hot_path, pauses
 from services.runtime.config import floor_settings, service_options
 
 FIXES, ANSWER = floor_settings()

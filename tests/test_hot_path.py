@@ -1,4 +1,4 @@
-"""What the request path leaves out (services/runtime/hot_path.py) and the access log that
+"""What the request path leaves out (services/runtime/patches/hot_path.py) and the access log that
 replaces BentoML's (services/runtime/access_log.py), on real `bentoml serve` processes."""
 
 from __future__ import annotations

@@ -1,10 +1,10 @@
-"""The fixes for garbage-collection stalls (services/runtime/pauses.py), on BentoML's own classes."""
+"""The fixes for garbage-collection stalls (services/runtime/patches/pauses.py), on BentoML's own classes."""
 
 from __future__ import annotations
 
 import asyncio
 
-from services.runtime import pauses
+from services.runtime.patches import pauses
 
 
 def scheduled_timeouts(loop) -> int:

@@ -3,7 +3,7 @@ adaptive batching, limits, errors, auth and metrics. Services hold one Runtime e
 
 from pydantic import Field
 
-from services.runtime import connections, hot_path, pauses
+from services.runtime import patches
 from services.runtime.config import Settings, settings_for
 from services.runtime.core import Runtime
 from services.runtime.model import LoadedModel
@@ -40,11 +40,7 @@ def add_http_layer(service, name: str, settings: Settings | None = None,
     settings = settings or settings_for(name)
     service.add_asgi_middleware(ServiceHttp, service=name, settings=settings, body_limits=body_limits,
                                 json_routes=json_routes, error_statuses=error_statuses, array_routes=array_routes)
-    connections.install(settings.header_timeout)  # before uvicorn accepts the first connection
-    pauses.install_timeout_fix()
-    hot_path.cache_media_types(service)
-    hot_path.install_lean_middlewares()
-    hot_path.cache_bound_methods()
+    patches.install(service, name, settings.header_timeout)
 
 
 __all__ = ["VERSION_FIELD", "ApiError", "LoadedModel", "Runtime", "Settings", "add_http_layer", "api_errors",

@@ -20,7 +20,9 @@ from pathlib import Path
 
 from services.contracts import repository
 from services.contracts.versions import software_versions
-from services.runtime import gate, pauses
+from services.runtime import gate
+from services.runtime import patches
+from services.runtime.patches import pauses
 from services.runtime.config import Settings, settings_for
 from services.runtime.control import ControlFile
 from services.runtime.errors import ApiError, clip, shown
@@ -458,5 +460,6 @@ class Runtime:
             "limits": self.settings.limits(),
             "auth": "bearer API key on POST endpoints" if self.settings.api_key else "none",
             "software": dict(software_versions()),
+            "framework_fixes": patches.status(),  # services/runtime/patches/: written for these versions
             **extra,
         }
