@@ -73,9 +73,10 @@ def upload(files: dict[str, bytes] | list[bytes], field: str = "images") -> list
     return [(field, (name, data, "application/octet-stream")) for name, data in items]
 
 
-def error_of(response, status: int) -> dict:
-    assert response.status_code == status, response.text
-    assert response.headers["content-type"].startswith("application/json")
-    error = response.json()["error"]
-    assert error["status"] == status and error["message"]
-    return error
+def fashion_png(index: int) -> bytes:
+    """Fashion-MNIST test image `index` as a 56-pixel PNG (what the deployment tests send)."""
+    from loadtests.classifier_data import encode as encode_image
+    from training.datasets import load_fashion_mnist
+
+    images, _ = load_fashion_mnist("test")
+    return encode_image(images[index], 56, "PNG")

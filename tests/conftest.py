@@ -25,7 +25,7 @@ def error_of(response, status: int) -> dict:
     assert response.status_code == status, response.text
     assert response.headers["content-type"].startswith("application/json")
     error = response.json()["error"]
-    assert set(error) >= {"status", "code", "field", "message"} and error["status"] == status
+    assert set(error) >= {"status", "code", "field", "message"} and error["status"] == status and error["message"]
     return error
 
 

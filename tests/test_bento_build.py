@@ -4,8 +4,12 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from conftest import MODELS, ROOT
 from services.contracts.processes import SERVICES
+
+pytestmark = pytest.mark.slow  # builds a Bento: `pytest -m "not slow"` leaves it out
 
 
 def test_bento_holds_every_service_and_model(tmp_path):

@@ -12,8 +12,8 @@ import pytest
 import requests
 from PIL import Image
 
-from classifier_helpers import Offline, encode, error_of, fashion_images, upload, varied_files
-from conftest import MODELS, running_service
+from classifier_helpers import Offline, encode, fashion_images, upload, varied_files
+from conftest import MODELS, error_of, running_service
 
 MODELS_DIR = Path(os.environ.get("CLASSIFIER_TEST_MODELS_DIR", MODELS))  # to try a candidate repository
 VERSION_DIR = MODELS_DIR / "classifier" / "fashion" / "1"

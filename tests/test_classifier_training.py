@@ -16,6 +16,8 @@ from PIL import Image
 from classifier_helpers import Offline, encode, fashion_images, upload, varied_files
 from conftest import ROOT, running_service
 
+pytestmark = pytest.mark.slow  # trains and exports classifiers: `pytest -m "not slow"` leaves it out
+
 TINY = ["--image-size", "32", "--epochs", "1", "--batch-size", "16", "--val-size", "100", "--test-limit", "64",
         "--probe-epochs", "3", "--threads", "1"]
 

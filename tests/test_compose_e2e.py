@@ -18,9 +18,12 @@ from pathlib import Path
 import pytest
 import requests
 
+from classifier_helpers import fashion_png
 from conftest import ROOT, free_port
 from docker_stack import Engine, DockerUnavailable, build_base_image, build_wheelhouse
 from services.contracts.processes import SERVICES
+
+pytestmark = pytest.mark.slow  # starts Docker engines and a compose stack: `pytest -m "not slow"` leaves it out
 
 PROJECT = "onnxserving-e2e"
 ADMIN = {"Authorization": "Bearer e2e-admin-key"}
@@ -178,14 +181,6 @@ def test_generator_endpoints(stack):
 
 
 FACES = Path(__file__).parent / "fixtures" / "faces"
-
-
-def fashion_png(index: int) -> bytes:
-    from loadtests.classifier_data import encode
-    from training.datasets import load_fashion_mnist
-
-    images, _ = load_fashion_mnist("test")
-    return encode(images[index], 56, "PNG")
 
 
 @needs("classifier")

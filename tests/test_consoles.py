@@ -10,10 +10,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import requests
 
 from browser import screenshot, text, wait_for
 from conftest import running_service
+
+pytestmark = pytest.mark.slow  # drives a real Chromium: `pytest -m "not slow"` leaves it out
 
 FACES = Path(__file__).parent / "fixtures" / "faces"
 

@@ -25,6 +25,8 @@ from services.contracts.latents import seed_latent
 from services.contracts import repository
 from training.datasets import load_image_folder
 
+pytestmark = pytest.mark.slow  # trains generators: `pytest -m "not slow"` leaves it out
+
 TINY = ["--epochs", "1", "--batch-size", "64", "--fid-samples", "256", "--kid-subset", "64", "--threads", "1"]
 
 

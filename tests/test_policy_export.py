@@ -8,6 +8,8 @@ from stable_baselines3 import DQN, PPO
 
 from training import policy as policy_training
 
+pytestmark = pytest.mark.slow  # trains and exports policies: `pytest -m "not slow"` leaves it out
+
 
 def rollout(model, env_id, n):
     env, seen = gym.make(env_id), []

@@ -7,7 +7,11 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ROOT
+
+pytestmark = pytest.mark.slow  # a long soak of several servers: `pytest -m "not slow"` leaves it out
 
 
 def test_a_short_soak_has_no_failures_and_bounded_memory(tmp_path):

@@ -17,8 +17,11 @@ from pathlib import Path
 import pytest
 import requests
 
+from classifier_helpers import fashion_png
 from docker_stack import build_base_image, build_wheelhouse
 from swarm import Cluster, SwarmUnavailable, log
+
+pytestmark = pytest.mark.slow  # starts a two-node Docker Swarm: `pytest -m "not slow"` leaves it out
 
 ROOT = Path(__file__).resolve().parent.parent
 STACK = "onnx"
@@ -90,14 +93,6 @@ def session() -> requests.Session:
     s = requests.Session()
     s.trust_env = False  # no proxies: the nodes' addresses exist only in the namespaces
     return s
-
-
-def fashion_png(index: int) -> bytes:
-    from loadtests.classifier_data import encode
-    from training.datasets import load_fashion_mnist
-
-    images, _ = load_fashion_mnist("test")
-    return encode(images[index], 56, "PNG")
 
 
 def test_every_service_converges_spread_over_both_nodes(swarm):

@@ -13,10 +13,13 @@ import time
 import numpy as np
 import onnx
 import onnxruntime as ort
+import pytest
 import requests
 
 from conftest import ROOT, free_port
 from services.contracts import repository
+
+pytestmark = pytest.mark.slow  # trains models: `pytest -m "not slow"` leaves it out
 
 
 def train(models_dir, *args):
