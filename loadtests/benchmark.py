@@ -96,14 +96,14 @@ async def drive(url: str, workload: Workload, concurrency: int, seconds: float, 
 
 
 @contextlib.contextmanager
-def serving(target: str, name: str, server_cores: set[int], env: dict, logs: Path, label: str):
+def serving(target: str, name: str, server_cores: set[int], env: dict, logs: Path, label: str, cwd: Path = ROOT):
     """A `bentoml serve` of target pinned to the server's cores; yields its URL (and keeps the
-    process in serving.process, for the flame graphs)."""
+    process in serving.process, for the flame graphs). `cwd`: the checkout whose code it serves."""
     port = processes.free_port()
     log = open(logs / f"server-{label}.log", "w")
     process = subprocess.Popen(["taskset", "-c", ",".join(map(str, sorted(server_cores))), sys.executable, "-m",
                                 "bentoml", "serve", target, "--host", "127.0.0.1", "--port", str(port)],
-                               cwd=ROOT, env={**os.environ, **env, **processes.own_home(name, port, os.environ)},
+                               cwd=cwd, env={**os.environ, **env, **processes.own_home(name, port, os.environ)},
                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -227,8 +227,11 @@ def compare_settings(names: list[str], settings: list[str], server_cores: set[in
             for k, setting in enumerate(settings):
                 env = {**server_env(workload, True, 1, "cpu"),
                        **dict(item.split("=", 1) for item in setting.split(",") if item)}
+                # CHECKOUT=<dir>: serve that checkout's code (another commit), the same models
+                checkout = Path(env.pop("CHECKOUT", ROOT)).resolve()
+                env["PYTHONPATH"] = str(checkout)
                 urls[setting] = stack.enter_context(serving(spec.target, f"{name}-setting{k}", server_cores, env, logs,
-                                                            f"{name}-setting{k}"))
+                                                            f"{name}-setting{k}", cwd=checkout))
             wrk = stack.enter_context(contextlib.closing(Wrk(workload.wrk_requests(), client_cores)))
             for connections in WRK_CONNECTIONS:
                 tallies = {setting: Tally() for setting in settings}
@@ -258,8 +261,9 @@ def main(argv=None) -> int:
     p.add_argument("--slice-seconds", type=float, default=2, help="seconds per wrk slice")
     p.add_argument("--compare-settings", nargs="+", metavar="NAME=VALUE[,NAME=VALUE]",
                    help="instead of the full run: requests/s under each setting, side by side (wrk); "
-                        "e.g. ACCESS_LOG=all ACCESS_LOG=sampled ACCESS_LOG=off; writes benchmarks/settings.md "
-                        "(settings-<services>.md with --services)")
+                        "e.g. ACCESS_LOG=all ACCESS_LOG=sampled ACCESS_LOG=off; CHECKOUT=<dir> serves another "
+                        "checkout's code (before/after a change: CHECKOUT=/tmp/old CHECKOUT=.); writes "
+                        "benchmarks/settings.md (settings-<services>.md with --services)")
     p.add_argument("--server-cores", choices=["half", "all"], default="half",
                    help="half: server and load generator on separate cores (default); all: the server may use "
                         "every core (the load generator shares them), for --compare-workers")
