@@ -22,13 +22,13 @@ class Domains:
     def __init__(self, override: float | None = None):  # DOMAIN_THRESHOLD; None: each card's threshold
         self._checks: dict[str, DomainCheck] = {}  # by the model file's sha256
         self._lock = threading.Lock()
-        self.override = float("nan") if override is None else override
+        self.override = override
 
     def threshold(self, model) -> float | None:
         spec = getattr(model.spec.contract, "domain", None)  # classifiers only
         if not spec:
             return None
-        return spec.threshold if np.isnan(self.override) else self.override
+        return spec.threshold if self.override is None else self.override
 
     def check(self, model) -> DomainCheck | None:
         spec = getattr(model.spec.contract, "domain", None)  # classifiers only

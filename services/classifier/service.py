@@ -140,7 +140,7 @@ class Classifier:
                 teach = {"error": getattr(exc, "message", str(exc))}
         return self.runtime.info(
             limits_images=self.limits.describe() | self.faces.limits.describe() | {
-                "domain_threshold": None if np.isnan(self.domains.override) else self.domains.override},
+                "domain_threshold": self.domains.override},
             teach=teach,
             endpoints=["POST /classify", "POST /embed", "POST /faces/detect", "POST /teach", "POST /check",
                        "POST /similar", "POST /taught", "POST /forget", "POST /rename", "POST /state/export",

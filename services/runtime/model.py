@@ -11,12 +11,10 @@ import time
 import numpy as np
 
 from services.contracts import device, repository
+from services.contracts.predictor import ELEMENT_TYPES
 from services.runtime.batching import DynamicBatcher
 from services.runtime.config import Settings
 from services.runtime.metrics import metrics
-
-ONNX_TYPES = {"tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(int64)": np.int64,
-              "tensor(int32)": np.int32, "tensor(uint8)": np.uint8}
 
 
 class LoadedModel:
@@ -28,7 +26,7 @@ class LoadedModel:
             entry.path, settings.device, settings.infer_threads)
         first = self.session.get_inputs()[0]
         self.input_name = first.name
-        self.input_dtype = ONNX_TYPES.get(first.type, np.float32)
+        self.input_dtype = ELEMENT_TYPES.get(first.type) or np.float32
         self.input_shape = [d if isinstance(d, int) else None for d in first.shape]  # None: dynamic
         self.output_names = [o.name for o in self.session.get_outputs()]
         m = metrics()

@@ -16,6 +16,7 @@ tests/test_patches.py (which pins what each patch relies on) fails in the suite.
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import logging
 
@@ -25,6 +26,7 @@ WRITTEN_FOR = {"bentoml": "1.4.40", "uvicorn": "0.55.0"}
 log = logging.getLogger("services.runtime")
 
 
+@functools.cache  # installed versions cannot change while a server runs; /info asks each time
 def status() -> dict:
     running = {}
     for package in WRITTEN_FOR:
