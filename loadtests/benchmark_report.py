@@ -174,6 +174,9 @@ def report(results: dict, command: str, server_cores: set[int], client_cores: se
                   "the CUDA execution provider: `make benchmark BENCHMARK_ARGS=\"--device cuda --out "
                   "BENCHMARKS-gpu.md\"`. onnxruntime I/O binding is not used: it has not been measured.", ""]
     lines += ["## Elsewhere", "",
+              "- [benchmarks/restructuring-policy.md](benchmarks/restructuring-policy.md): the policy's /act "
+              "requests/s before and after the ground-floor restructuring, served side by side "
+              "(`--compare-settings CHECKOUT=<old checkout> CHECKOUT=.`).",
               "- [benchmarks/store.md](benchmarks/store.md): the classifier's taught-examples store, check and teach "
               "times at 1e3 to 1e5 examples per back-end (`python -m services.classifier.store_benchmark`).",
               "- [benchmarks/workers.md](benchmarks/workers.md): requests/s with WORKERS=1 and 2 "
