@@ -206,7 +206,7 @@ class Generator:
         model: Annotated[str | None, Field(description="generator name; optional when one is loaded")] = None,
         version: Annotated[str | int | None, VERSION_FIELD] = None,
     ) -> Any:
-        generator = self.runtime.get(model, version=version_of(version))
+        generator = self.runtime.get(model, version=version_of(version), canary=True)
         latent_dim, classes = generator.spec.contract.latent_dim, classes_of(generator)
         check_format(format, GENERATE_FORMATS)
         answer_form = arrays.answer_form(ctx.request.headers.get("accept")) if format == "json" else format
@@ -262,7 +262,7 @@ class Generator:
         model: Annotated[str | None, Field(description="generator name; optional when one is loaded")] = None,
         version: Annotated[str | int | None, VERSION_FIELD] = None,
     ) -> Any:
-        generator = self.runtime.get(model, version=version_of(version))
+        generator = self.runtime.get(model, version=version_of(version), canary=True)
         latent_dim, classes = generator.spec.contract.latent_dim, classes_of(generator)
         check_seed(seed_a, "seed_a")
         check_seed(seed_b, "seed_b")

@@ -168,7 +168,7 @@ class Policy:
     async def act(self, ctx: bentoml.Context, observations=None, frames_png=None, observations_b64=None, shape=None,
                   model=None, deterministic=True, seed=None, version=None):
         answer_form = arrays.answer_form(ctx.request.headers.get("accept"))
-        policy = self.runtime.get(model, version=version_of(version))
+        policy = self.runtime.get(model, version=version_of(version), canary=True)
         if ctx.request.headers.get("content-type", "").split(";")[0].strip().lower() == arrays.NPY:
             space = policy.spec.contract.observation_space
             batch = validate_array(arrays.read_npy(await ctx.request.body()), space.shape,

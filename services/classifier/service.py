@@ -227,7 +227,7 @@ class Classifier:
     async def classify(self, images, problem=None, top_k=5, model=None, version=None) -> dict:
         if problem is not None:
             raise problem
-        classifier = self.runtime.get(model, kind="classifier", version=version)
+        classifier = self.runtime.get(model, kind="classifier", version=version, canary=True)
         labels = classifier.spec.contract.labels
         k = int_field(top_k, "top_k", 1, len(labels))
         outputs = await self.infer(classifier, images)
@@ -243,7 +243,7 @@ class Classifier:
     async def embed(self, images, problem=None, model=None, version=None, answer=arrays.JSON) -> dict:
         if problem is not None:
             raise problem
-        classifier = self.runtime.get(model, kind="classifier", version=version)
+        classifier = self.runtime.get(model, kind="classifier", version=version, canary=True)
         embeddings = (await self.infer(classifier, images))["embedding"]
         if answer == arrays.NPY:
             return arrays.npy_response(embeddings.astype(np.float32), model=classifier.name,

@@ -3,6 +3,8 @@
     POST /models/{name}/versions/{version}/load     {"min_agreement": 0.9}   verify, warm up, gate
     POST /models/{name}/serve                       {"version": "2", "force": false}   switch or roll back
     POST /models/{name}/versions/{version}/unload   free a version that is not serving
+    POST /models/{name}/canary                      {"version": "2", "share": 0.1}   release it to a slice
+    POST /models/{name}/canary/stop                 end a canary or shadow (canary.py)
 
 Admin operations: off unless ADMIN_KEY is set (403 admin_disabled), and then they take only
 `Authorization: Bearer <ADMIN_KEY>` (API_KEY does not open them, nor does ADMIN_KEY open the
@@ -18,13 +20,17 @@ import math
 import re
 
 from services.contracts import repository
+from services.runtime.canary import PLAN_FIELDS
 from services.runtime.errors import ApiError, bad_request, shown
 
 ROUTE = re.compile(r"^/models/(?P<name>[^/]+)/"
-                   r"(?:versions/(?P<version>[^/]+)/(?P<action>load|unload)|(?P<serve>serve))$")
+                   r"(?:versions/(?P<version>[^/]+)/(?P<action>load|unload)|(?P<serve>serve)"
+                   r"|(?P<canary>canary)(?P<stop>/stop)?)$")
 MAX_BODY = 4096
 VERSION_PATTERN = "^[0-9]{1,20}$"  # repository.VERSION_NAME
-FIELDS = {"load": {"min_agreement"}, "unload": set(), "serve": {"version", "force"}}
+FIELDS = {"load": {"min_agreement"}, "unload": set(), "serve": {"version", "force"},
+          "canary": {"version", *PLAN_FIELDS}, "canary_stop": set()}
+MODES = ("canary", "shadow")
 
 
 def is_admin_path(path: str) -> bool:
@@ -72,10 +78,11 @@ def parse(method: str, path: str, body: bytes) -> tuple[str, str, dict]:
     match = ROUTE.match(path)
     if match is None:
         raise ApiError(404, "not_found", f"no admin route {shown(path)}; there are POST /models/{{name}}/versions/"
-                       "{version}/load, .../unload and POST /models/{name}/serve")
+                       "{version}/load, .../unload, POST /models/{name}/serve, /canary and /canary/stop")
     if method != "POST":
         raise ApiError(405, "method_not_allowed", f"{path} takes POST")
-    action = "serve" if match["serve"] else match["action"]
+    action = "serve" if match["serve"] else ("canary_stop" if match["stop"] else "canary") if match["canary"] \
+        else match["action"]
     try:
         data = json.loads(body) if body.strip() else {}
     except ValueError as exc:
@@ -102,12 +109,36 @@ def parse(method: str, path: str, body: bytes) -> tuple[str, str, dict]:
         if not isinstance(force, bool):
             raise bad_request("invalid_field", "force must be true or false", "force")
         args.update(version=version, force=force)
+    if action == "canary":
+        args["version"] = version_name(data.get("version"), "the body")
+        args["fields"] = {key: plan_field(key, value) for key, value in data.items() if key != "version"}
     return action, match["name"], args
+
+
+def plan_field(key: str, value):
+    """One canary plan field, checked against PLAN_FIELDS (type and range)."""
+    kind, low, high, meaning = PLAN_FIELDS[key]
+    if kind is str:
+        if value not in MODES:
+            raise bad_request("invalid_field", f"mode must be one of {list(MODES)}, got {shown(value)}", key)
+        return value
+    if key == "min_agreement" and value is None:
+        return None  # judge without agreement
+    number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if kind is int and not (isinstance(value, int) and not isinstance(value, bool)):
+        number = False
+    above = key in ("share", "compare_share", "max_p99_ratio")  # 0 would mean nothing
+    if not number or value > high or (value <= low if above else value < low):
+        raise bad_request("invalid_field", f"{key} ({meaning}) must be {'an integer' if kind is int else 'a number'} "
+                          f"{'above' if above else 'from'} {low:g} {'up to' if above else 'to'} {high:g}, "
+                          f"got {shown(value)}", key)
+    return kind(value)
 
 
 async def run(runtime, action: str, name: str, args: dict) -> dict:
     """The runtime's control call, off the event loop (loading and gating take seconds)."""
-    method = {"load": runtime.load_version, "unload": runtime.unload_version, "serve": runtime.serve_version}[action]
+    method = {"load": runtime.load_version, "unload": runtime.unload_version, "serve": runtime.serve_version,
+              "canary": runtime.releases.start, "canary_stop": runtime.releases.stop}[action]
     return await asyncio.to_thread(method, name, **args)
 
 
@@ -134,7 +165,13 @@ ERRORS = {
                "409": "version_serving: the serving version cannot be unloaded"},
     "serve": {**COMMON, "404": "unknown model, or the version is not loaded",
               "409": "untaught_version (classifier): the version was taught nothing; force it"},
+    "canary": {**COMMON, "404": "unknown model, or the version is not loaded",
+               "409": "canary_of_serving (the version serves already) or canary_in_progress (stop that one first)",
+               "422": "canary_unsupported: a model whose answers read taught state, or versions that prepare "
+                      "inputs differently"},
+    "canary_stop": {**COMMON, "404": "unknown model, or no canary running"},
 }
+ERRORS["unload"]["409"] += "; version_in_canary: stop its canary first"
 
 
 def openapi_paths(models: list[str]) -> dict:
@@ -162,6 +199,13 @@ def openapi_paths(models: list[str]) -> dict:
             {"properties": {"min_agreement": {"type": "number", "minimum": 0, "maximum": 1,
                                               "description": "default GATE_MIN_AGREEMENT"}}}),
         "/models/{name}/versions/{version}/unload": operation("unload", "Free a version that is not serving", [name, version]),
+        "/models/{name}/canary": operation(
+            "canary", "Release a loaded version to a share of traffic (or a shadow copy), judged live", [name],
+            {"required": ["version"], "properties": {
+                "version": {"type": "string", "pattern": VERSION_PATTERN, "maxLength": 20},
+                **{key: plan_schema(key) for key in PLAN_FIELDS}}}),
+        "/models/{name}/canary/stop": operation("canary_stop", "End the running canary; the serving version stays",
+                                                [name]),
         "/models/{name}/serve": operation(
             "serve", "Switch to a loaded version (or roll back)", [name],
             {"required": ["version"], "properties": {
@@ -171,3 +215,20 @@ def openapi_paths(models: list[str]) -> dict:
                 "force": {"type": "boolean", "default": False,
                           "description": "classifier: switch to a version taught nothing"}}}),
     }
+
+
+def plan_schema(key: str) -> dict:
+    kind, low, high, meaning = PLAN_FIELDS[key]
+    if kind is str:
+        return {"type": "string", "enum": list(MODES), "default": "canary", "description": meaning}
+    from services.runtime.canary import Plan
+
+    schema = {"type": "integer" if kind is int else "number", "maximum": high, "description": meaning,
+              "default": Plan.__dataclass_fields__[key].default}
+    schema["minimum"] = low
+    if key in ("share", "compare_share", "max_p99_ratio"):
+        schema["exclusiveMinimum"] = True  # OpenAPI 3.0's form
+    if key == "min_agreement":
+        schema.update(nullable=True, description=meaning + "; default GATE_MIN_AGREEMENT, null: not judged")
+        schema.pop("default")
+    return schema

@@ -2,7 +2,8 @@
 
     MODEL_CONTROL_DIR/<service>/serving.json
     {"repository": "/srv/models/policy",
-     "models": {"cartpole": {"serving": "2", "loaded": ["1", "2"], "default": "3"}},
+     "models": {"cartpole": {"serving": "2", "loaded": ["1", "2"], "default": "3",
+                             "canary": {"version": "3", "share": 0.1, ...}, "last_canary": {...}}},
      "changed_at": "2026-11-25T12:00:00Z"}
 
 Why a file: a service runs WORKERS processes (and may run replicas sharing a volume), and an
@@ -29,6 +30,7 @@ from typing import Callable
 from services.contracts.repository import write_json_atomic
 
 CONTROL_FILE = "serving.json"
+RELEASE_KEYS = ("canary", "last_canary")  # a running canary's plan, how the last one ended (releases.py)
 
 
 class ControlFile:
@@ -60,7 +62,8 @@ class ControlFile:
         if data.get("repository") != self.repository:
             return {}
         return {name: {"serving": str(m["serving"]), "loaded": [str(v) for v in m.get("loaded", [])],
-                       "default": None if m.get("default") is None else str(m["default"])}
+                       "default": None if m.get("default") is None else str(m["default"]),
+                       **{key: m[key] for key in RELEASE_KEYS if isinstance(m.get(key), dict)}}
                 for name, m in data["models"].items() if isinstance(m, dict) and m.get("serving")}
 
     def update(self, change: Callable[[dict[str, dict]], None]) -> dict[str, dict]:

@@ -28,6 +28,7 @@ from services.runtime.control import ControlFile
 from services.runtime.errors import ApiError, clip, shown
 from services.runtime.metrics import metrics
 from services.runtime.model import LoadedModel
+from services.runtime.releases import Releases
 
 log = logging.getLogger("services.runtime")
 
@@ -59,6 +60,8 @@ class Runtime:
         self.refused: dict[str, dict[str, str]] = {}  # name -> version -> why it was not loaded
         self.serve_checks: list = []  # a service's own conditions for a switch: fn(candidate, serving, force)
         self.on_load: list = []       # called with each version loaded after start (before it can serve)
+        self.canary_kinds = (kind,) if isinstance(kind, str) else tuple(kind)  # models a canary may release
+        self.releases = Releases(self)  # canaries and shadows (releases.py, canary.py)
         self.ready = False
         self.failure: str | None = None
         self.control = ControlFile(self.settings.control_dir, service, self.repository)
@@ -92,6 +95,8 @@ class Runtime:
                 for version in chosen.get("loaded", []):
                     if version != serving.version:
                         self._load_quietly(name, version)
+            with self._changing:
+                self.releases.follow(record)  # a canary that was running before a restart goes on
             pauses.freeze_long_lived(self.service, self.settings.gc_freeze)
             self.ready = True
             log.info("%s: ready with %d model(s) in %.1fs", self.service, len(self.models), time.monotonic() - started)
@@ -305,8 +310,10 @@ class Runtime:
             if candidate is not previous:
                 for condition in self.serve_checks:
                     condition(candidate, previous, force)
-                self._record(name, lambda chosen: chosen.update(serving=candidate.version))
+                self._record(name, lambda chosen: chosen.update(serving=candidate.version) or self.releases.cancel(
+                    chosen, f"the serving version was switched to {candidate.version} over the admin API"))
                 self._switch(candidate)
+                self.releases.follow(self.control.read())
             return {"model": name, "serving": candidate.version, "previous": previous.version,
                     "changed": candidate is not previous}
 
@@ -318,6 +325,10 @@ class Runtime:
             if model is self.models[name]:
                 raise ApiError(409, "version_serving", f"{name} version {version} is serving and cannot be unloaded; "
                                "switch to another version first", field="version")
+            canary = self.releases.active.get(name)
+            if canary is not None and canary.candidate is model:
+                raise ApiError(409, "version_in_canary", f"{name} version {version} is in a canary; stop it first: "
+                               f"POST /models/{name}/canary/stop", field="version")
             self._record(name, lambda chosen: chosen.update(loaded=[v for v in chosen["loaded"] if v != version]))
             self._drop(name, model.version)
             return {"model": name, "version": model.version, "state": "unloaded",
@@ -370,6 +381,10 @@ class Runtime:
         while True:
             time.sleep(self.settings.control_poll)
             self._catch_up()
+            try:
+                self.releases.judge()
+            except Exception as exc:  # noqa: BLE001 - logged; the poller must live on
+                log.exception("%s: cannot judge a canary: %s", self.service, exc)
             if time.monotonic() - last_summary >= self.settings.rollout_log_seconds:
                 last_summary = time.monotonic()
                 self._log_answers()
@@ -402,6 +417,7 @@ class Runtime:
                     self._switch(target)
                 for version in set(self.versions[name]) - wanted - {self.models[name].version}:
                     self._drop(name, version)
+            self.releases.follow(record)
 
     def _state(self, model: LoadedModel) -> dict:
         return {"model": model.name, "version": model.version,
@@ -414,9 +430,11 @@ class Runtime:
         names = sorted(n for n, m in self.models.items() if kind is None or m.spec.kind == kind)
         return names, len(names) > 1
 
-    def get(self, name: str | None, kind: str | None = None, version: str | None = None) -> LoadedModel:
+    def get(self, name: str | None, kind: str | None = None, version: str | None = None,
+            canary: bool = False) -> LoadedModel:
         """The model a request names, or the only one (of `kind`, when given): its serving
-        version, or the loaded `version` asked for; ApiError otherwise."""
+        version, or the loaded `version` asked for; ApiError otherwise. With `canary`, a request
+        that names no version may be answered by (or copied to) a version in a canary."""
         if not self.ready:
             raise ApiError(503, "not_ready", self.failure or "models are still loading; retry shortly")
         models = self.models
@@ -438,6 +456,8 @@ class Runtime:
                                f"{sorted(loaded, key=int)} (serving {models[name].version})", field="version")
         model.answers.inc()
         model.taken += 1
+        if canary and version is None and self.releases.active:
+            return self.releases.route(name, model)
         return model
 
     def info(self, **extra) -> dict:
@@ -456,7 +476,8 @@ class Runtime:
             "model_control": {"admin_api": "on (ADMIN_KEY)" if self.settings.admin_key else "off (set ADMIN_KEY)",
                               "record": str(self.control.path.resolve()), "poll_s": self.settings.control_poll,
                               "gate": {"min_agreement": self.settings.gate_min_agreement,
-                                       "quality_tolerance": self.settings.gate_quality_tolerance}},
+                                       "quality_tolerance": self.settings.gate_quality_tolerance},
+                              "canaries": self.releases.info()},
             "limits": self.settings.limits(),
             "auth": "bearer API key on POST endpoints" if self.settings.api_key else "none",
             "software": dict(software_versions()),

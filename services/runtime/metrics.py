@@ -36,6 +36,14 @@ def metrics():
         "answers": prom.Counter(
             "model_requests", "Requests taken by each model version", ["service", "model", "version"],
         ),
+        "canary_decisions": prom.Counter(
+            "model_canary_decisions", "Canaries and shadows ended, by outcome (promoted, rolled_back, stopped)",
+            ["service", "model", "version", "outcome"],
+        ),
+        "canary_active": prom.Gauge(
+            "model_canary_active", "1 while the version is in a canary or shadow of the model",
+            ["service", "model", "version", "mode"], multiprocess_mode="liveall",
+        ),
         "errors": prom.Counter(
             "api_errors", "Error responses by code", ["service", "status", "code"],
         ),
