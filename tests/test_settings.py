@@ -43,6 +43,8 @@ def test_the_renamed_knobs_keep_their_old_names_with_a_deprecation_line(monkeypa
     ("FACE_ANIMAL_THRESHOLD", "0", "above 0 to 1"),
     ("DOMAIN_THRESHOLD", "1.01", "from 0 to 1"),
     ("TEACH_PGVECTOR", "maybe", "auto, on, hnsw, off"),
+    ("OTEL_TRACES_EXPORTER", "zipkin", "otlp (or none)"),
+    ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc", "only http/protobuf"),
 ])
 def test_a_bad_value_names_the_variable_and_what_it_accepts(monkeypatch, name, value, accepted):
     monkeypatch.setenv(name, value)

@@ -47,7 +47,8 @@ from services.classifier.taught import TEACHABLE, TaughtState, embedding_dim, is
 from services.classifier.uploads import (CheckUpload, ClassifyUpload, DetectUpload, EmbedUpload, SimilarUpload,
                                          TeachUpload, decode_batch, decode_photos)
 from services.contracts.face_pipeline import Face
-from services.runtime import VERSION_FIELD, ApiError, Runtime, add_http_layer, api_errors, bad_request, version_of
+from services.runtime import (VERSION_FIELD, ApiError, Runtime, add_http_layer, api_errors, bad_request, tracing,
+                              version_of)
 from services.runtime.config import service_options, settings_for
 from services.runtime.errors import shown
 
@@ -152,7 +153,8 @@ class Classifier:
         preprocessing = model.card["contract"]["preprocessing"]
         cancelled = threading.Event()
         try:  # decoding is CPU work: off the loop, and stopped if the request is cancelled
-            batch = await asyncio.to_thread(decode_batch, files, self.limits, preprocessing, cancelled)
+            with tracing.span("decode", images=len(files)):
+                batch = await asyncio.to_thread(decode_batch, files, self.limits, preprocessing, cancelled)
         except asyncio.CancelledError:
             cancelled.set()
             raise
@@ -162,7 +164,8 @@ class Classifier:
     async def photos(self, files) -> list[np.ndarray]:
         cancelled = threading.Event()
         try:
-            return await asyncio.to_thread(decode_photos, files, self.limits, cancelled)
+            with tracing.span("decode", images=len(files)):
+                return await asyncio.to_thread(decode_photos, files, self.limits, cancelled)
         except asyncio.CancelledError:
             cancelled.set()
             raise

@@ -17,7 +17,7 @@ import time
 from services.classifier import state as taught_state
 from services.classifier.matching import Matcher
 from services.classifier.store import StoreError, TooManyExamples, open_store
-from services.runtime import ApiError
+from services.runtime import ApiError, tracing
 from services.runtime.config import ClassifierSettings
 
 TEACHABLE = ("classifier", "face_descriptor")  # kinds whose output can be taught
@@ -145,7 +145,9 @@ class TaughtState:
     async def call(self, method, *args, **kwargs):
         """Run a blocking store call in a worker thread; store problems become HTTP answers."""
         try:
-            return await asyncio.to_thread(method, *args, **kwargs)
+            name = f"store.{getattr(method, '__name__', 'call')}"
+            with tracing.span(name, **{"db.system": self.url.partition(":")[0]}):
+                return await asyncio.to_thread(method, *args, **kwargs)
         except StoreError as exc:
             raise ApiError(503, "store_unavailable", str(exc)) from None
         except TooManyExamples as exc:

@@ -39,7 +39,8 @@ def add_http_layer(service, name: str, settings: Settings | None = None,
             array_routes[api.route] = {"request": npy_request, "answer": npy_answer}
     settings = settings or settings_for(name)
     service.add_asgi_middleware(ServiceHttp, service=name, settings=settings, body_limits=body_limits,
-                                json_routes=json_routes, error_statuses=error_statuses, array_routes=array_routes)
+                                json_routes=json_routes, error_statuses=error_statuses, array_routes=array_routes,
+                                routes=tuple(api.route for api in service.apis.values()))
     patches.install(service, name, settings.header_timeout)
 
 

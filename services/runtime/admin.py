@@ -37,6 +37,16 @@ def is_admin_path(path: str) -> bool:
     return path.startswith("/models/")
 
 
+def route_template(path: str) -> str:
+    """/models/cartpole/versions/2/load -> /models/{name}/versions/{version}/load (span names)."""
+    match = ROUTE.match(path)
+    if match is None:
+        return "/models/(unknown route)"
+    if match["version"] is not None:
+        return f"/models/{{name}}/versions/{{version}}/{match['action']}"
+    return "/models/{name}/serve" if match["serve"] else "/models/{name}/canary" + ("/stop" if match["stop"] else "")
+
+
 def key_bytes(key: str) -> bytes:
     """A key from the environment as the bytes a client must send: UTF-8, and bytes that were not
     UTF-8 kept as they were (os.environ holds those as surrogates)."""

@@ -26,18 +26,23 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from services.runtime import tracing
+
 InferFn = Callable[[np.ndarray], Sequence[np.ndarray]]
 
 
 class DynamicBatcher:
     def __init__(self, infer: InferFn, *, enabled: bool, max_rows: int, wait_ms: float,
-                 on_batch: Callable[[int], None] | None = None, name: str = "model", inline_ms: float = 0.0):
+                 on_batch: Callable[[int], None] | None = None, name: str = "model", inline_ms: float = 0.0,
+                 attributes: dict | None = None):
         self.infer, self.enabled, self.max_rows, self.wait_s = infer, enabled, max_rows, wait_ms / 1000
+        self.attributes = attributes or {"model": name}  # on its trace spans (tracing.py)
         self.inline_s = inline_ms / 1000
         self.row_seconds: float | None = None  # the latest batch's time per row; None: none run yet
         self.on_batch = on_batch or (lambda rows: None)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"infer-{name}")
-        self._queue: deque[tuple[np.ndarray, asyncio.Future]] = deque()
+        # Each queued request: its rows, its answer, its trace span's context and when it queued.
+        self._queue: deque[tuple[np.ndarray, asyncio.Future, object, int]] = deque()
         self._wakeup: asyncio.Event | None = None
         self._worker: asyncio.Task | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -61,15 +66,19 @@ class DynamicBatcher:
         loop = asyncio.get_running_loop()
         if self._closed:
             return list(await asyncio.to_thread(self.infer, rows))
+        context = tracing.current() if tracing.enabled else None
         if not self.enabled:
             self.on_batch(len(rows))
-            return list(await self._run_batch(loop, rows))
+            if context is None:
+                return list(await self._run_batch(loop, rows))
+            with tracing.batch_spans([(context, len(rows), tracing.now_ns())], len(rows), self.attributes):
+                return list(await self._run_batch(loop, rows))
         if self._worker is None or self._worker.done():
             self._wakeup = asyncio.Event()
             self._loop = loop
             self._worker = loop.create_task(self._run())
         future = loop.create_future()
-        self._queue.append((rows, future))
+        self._queue.append((rows, future, context, tracing.now_ns() if context is not None else 0))
         self._wakeup.set()
         return await future
 
@@ -81,22 +90,27 @@ class DynamicBatcher:
             while self._queue:
                 if self.wait_s > 0:
                     deadline = time.monotonic() + self.wait_s
-                    while sum(len(r) for r, _ in self._queue) < self.max_rows and time.monotonic() < deadline:
+                    while sum(len(queued[0]) for queued in self._queue) < self.max_rows and time.monotonic() < deadline:
                         await asyncio.sleep(min(0.0005, deadline - time.monotonic()))
                 batch = self._take()
                 if not batch:
                     continue
-                rows = batch[0][0] if len(batch) == 1 else np.concatenate([r for r, _ in batch])
+                rows = batch[0][0] if len(batch) == 1 else np.concatenate([queued[0] for queued in batch])
                 self.on_batch(len(rows))
                 try:
-                    outputs = await self._run_batch(loop, rows)
+                    if tracing.enabled:
+                        with tracing.batch_spans([(c, len(r), at) for r, _, c, at in batch], len(rows),
+                                                 self.attributes):
+                            outputs = await self._run_batch(loop, rows)
+                    else:
+                        outputs = await self._run_batch(loop, rows)
                 except Exception as exc:  # noqa: BLE001 - every waiting request gets the error
-                    for _, future in batch:
+                    for _, future, _, _ in batch:
                         if not future.done():
                             future.set_exception(exc)
                     continue
                 start = 0
-                for part, future in batch:
+                for part, future, _, _ in batch:
                     end = start + len(part)
                     if not future.done():  # the client may have gone away
                         future.set_result([out[start:end] for out in outputs])
@@ -115,7 +129,7 @@ class DynamicBatcher:
         self.row_seconds = (time.perf_counter() - started) / max(1, len(rows))
         return outputs
 
-    def _take(self) -> list[tuple[np.ndarray, asyncio.Future]]:
+    def _take(self) -> list[tuple]:
         """Queued requests in arrival order, up to max_rows rows (at least one request).
         Requests cancelled while queued (client gone, request timed out) are dropped unrun."""
         while self._queue and self._queue[0][1].done():

@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 
 from services.contracts.repository import write_json_atomic
-from services.runtime import gate
+from services.runtime import gate, tracing
 
 # Latency buckets, 50 us to 100 s, 10% apart: tallies from several workers add up bucket by bucket.
 EDGES = 50e-6 * 1.1 ** np.arange(153)
@@ -319,4 +319,5 @@ class Answer:
             return outputs
         canary.count_error(problem)
         self._model = canary.serving
+        tracing.annotate(**{"model.version": canary.serving.version, "canary.fallback": problem})
         return await canary.serving(rows)

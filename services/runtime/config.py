@@ -144,6 +144,28 @@ SERVICE_DEFAULTS = {
 }
 
 
+def _tracing() -> str | None:
+    """OpenTelemetry's standard variables: traces go out over OTLP when OTEL_TRACES_EXPORTER
+    says otlp, or an OTLP endpoint is set and OTEL_TRACES_EXPORTER does not say none. Only the
+    http/protobuf protocol is installed; the exporter reads the endpoint, headers, timeout and
+    the sampler (OTEL_TRACES_SAMPLER[_ARG]) itself."""
+    if _raw("OTEL_SDK_DISABLED").lower() == "true":
+        return None
+    exporter = _raw("OTEL_TRACES_EXPORTER").lower()
+    endpoint = _raw("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or _raw("OTEL_EXPORTER_OTLP_ENDPOINT")
+    if exporter in ("", "none") and not (exporter == "" and endpoint):
+        return None
+    if exporter not in ("", "otlp"):
+        raise ValueError(f"OTEL_TRACES_EXPORTER={exporter!r}: this service exports traces with otlp (or none)")
+    for name in ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL"):
+        protocol = _raw(name)
+        if protocol and protocol != "http/protobuf":
+            raise ValueError(f"{name}={protocol!r}: only http/protobuf is installed (no gRPC exporter)")
+        if protocol:
+            break
+    return "otlp"
+
+
 def _list(name: str, default: tuple[str, ...]) -> tuple[str, ...]:
     raw = _raw(name)
     return tuple(item.strip() for item in raw.split(",") if item.strip()) if raw else default
@@ -241,6 +263,7 @@ class Settings:
     access_log: str = "sampled"        # sampled (errors, slow requests, 1 in access_log_sample), all or off
     access_log_sample: int = 100       # log one in this many fast successful requests; 0: none of them
     access_log_slow_ms: float = 1000.0  # requests slower than this are always logged
+    tracing: str | None = None         # "otlp" when the OTEL_* variables ask for traces (tracing.py); None: off
     classifier: ClassifierSettings | None = None  # the classifier's own (built for it only)
 
     @classmethod
@@ -280,6 +303,7 @@ class Settings:
             access_log=_choice("ACCESS_LOG", cls.access_log, ACCESS_LOG_MODES),
             access_log_sample=_int("ACCESS_LOG_SAMPLE", cls.access_log_sample),
             access_log_slow_ms=_positive("ACCESS_LOG_SLOW_MS", cls.access_log_slow_ms, "milliseconds"),
+            tracing=_tracing(),
             classifier=ClassifierSettings.from_env(items) if service == "classifier" else None,
         )
 

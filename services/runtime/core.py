@@ -20,7 +20,7 @@ from pathlib import Path
 
 from services.contracts import repository
 from services.contracts.versions import software_versions
-from services.runtime import gate
+from services.runtime import gate, tracing
 from services.runtime import patches
 from services.runtime.patches import pauses
 from services.runtime.config import Settings, settings_for
@@ -457,7 +457,9 @@ class Runtime:
         model.answers.inc()
         model.taken += 1
         if canary and version is None and self.releases.active:
-            return self.releases.route(name, model)
+            model = self.releases.route(name, model)
+        if tracing.enabled:
+            tracing.annotate(model=name, **{"model.version": model.version})
         return model
 
     def info(self, **extra) -> dict:
@@ -480,6 +482,7 @@ class Runtime:
                               "canaries": self.releases.info()},
             "limits": self.settings.limits(),
             "auth": "bearer API key on POST endpoints" if self.settings.api_key else "none",
+            "tracing": "OTLP/HTTP (OTEL_* variables)" if self.settings.tracing else "off",
             "software": dict(software_versions()),
             "framework_fixes": patches.status(),  # services/runtime/patches/: written for these versions
             **extra,

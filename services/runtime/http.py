@@ -38,7 +38,7 @@ import json
 import logging
 from urllib.parse import urlsplit
 
-from services.runtime import admin
+from services.runtime import admin, tracing
 from services.runtime.access_log import AccessLog
 from services.runtime.consoles import HEADERS as CONSOLE_HEADERS
 from services.runtime.consoles import Consoles
@@ -75,7 +75,7 @@ DOCS_POLICY = b"default-src 'self'; img-src 'self' data:; style-src 'self' 'unsa
 class ServiceHttp:
     def __init__(self, app, service: str, settings: Settings, body_limits: dict[str, int] | None = None,
                  json_routes: dict[str, tuple[str, ...]] | None = None, error_statuses: dict[str, str] | None = None,
-                 array_routes: dict[str, dict] | None = None):
+                 array_routes: dict[str, dict] | None = None, routes: tuple[str, ...] = ()):
         self.app, self.service, self.max_body_bytes = app, service, settings.max_body_bytes
         self.api_key = admin.key_bytes(settings.api_key) if settings.api_key else None
         self.admin_key = settings.admin_key
@@ -88,8 +88,24 @@ class ServiceHttp:
         self.array_routes = array_routes or {}  # route -> its .npy request and answer, for /docs.json
         self.consoles = Consoles(service)
         self.access = AccessLog(settings.access_log, settings.access_log_sample, settings.access_log_slow_ms)
+        self.routes = KNOWN_PATHS | set(routes) | set(self.json_routes)  # span names (tracing.py)
+        tracing.setup(service, settings.tracing)
 
     async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or not tracing.enabled or scope["path"] in PROBES:
+            return await self._handle(scope, receive, send)
+        await tracing.traced(scope, self._route(scope["path"]), self._handle, receive, send)
+
+    def _route(self, path: str) -> str:
+        """A span name's route: the path for the service's own routes, placeholders for names."""
+        path = path.rstrip("/") or "/"
+        if path in self.routes or path == "/ui" or path.startswith("/ui/"):
+            return path
+        if admin.is_admin_path(path):
+            return admin.route_template(path)
+        return "(unknown route)"
+
+    async def _handle(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         method, path = scope["method"], scope["path"].rstrip("/") or "/"

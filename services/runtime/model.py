@@ -39,7 +39,9 @@ class LoadedModel:
         self.max_rows = min(settings.max_merged_rows, entry.spec.contract.max_batch_rows or settings.max_merged_rows)
         self.batcher = DynamicBatcher(self.run, enabled=settings.batching, max_rows=self.max_rows,
                                       wait_ms=settings.batch_wait_ms, on_batch=self._batch_sizes.observe,
-                                      name=entry.name, inline_ms=settings.inline_infer_ms)
+                                      name=entry.name, inline_ms=settings.inline_infer_ms,
+                                      attributes={"model": entry.name, "model.version": entry.version,
+                                                  "onnxruntime.provider": self.provider})
 
     name = property(lambda self: self.entry.name)
     version = property(lambda self: self.entry.version)
