@@ -9,7 +9,7 @@ SERVE_ARGS ?=
 # Debian packages the tests use: Docker + compose + debootstrap for the container test,
 # Fashion-MNIST for the generator and classifier, Chromium and its driver for the console
 # tests. Installed when running as root.
-SYSTEM_PACKAGES := docker.io docker-compose debootstrap dataset-fashion-mnist chromium chromium-driver
+SYSTEM_PACKAGES := docker.io docker-compose debootstrap dataset-fashion-mnist chromium chromium-driver prometheus
 
 .PHONY: serve test system-packages train-policies play benchmark clean-venvs
 

@@ -19,6 +19,7 @@ from services.classifier.matching import Matcher
 from services.classifier.store import StoreError, TooManyExamples, open_store
 from services.runtime import ApiError, tracing
 from services.runtime.config import ClassifierSettings
+from services.runtime.metrics import metrics
 
 TEACHABLE = ("classifier", "face_descriptor")  # kinds whose output can be taught
 log = logging.getLogger("services.classifier")
@@ -56,6 +57,8 @@ class TaughtState:
         self.store = self.matcher = None
         self.failure: str | None = "the taught-examples store is opening"
         self.first_attempt = threading.Event()  # set once the store was tried: opened, or said why not
+        self.up = metrics()["store_up"].labels("classifier")
+        self.up.set(0)
 
     def open(self, wait: bool) -> None:
         threading.Thread(target=self._open, name="classifier-store", daemon=True).start()
@@ -111,10 +114,12 @@ class TaughtState:
         except (StoreError, ApiError) as exc:
             return self._not_ready(f"taught examples cannot be prepared for search: {getattr(exc, 'message', exc)}")
         self.matcher, self.store, self.failure = matcher, store, None
+        self.up.set(1)
         log.info("classifier: taught examples in %s (%s)", self.redacted_url(), store.describe()["search"])
 
     def _not_ready(self, why: str) -> None:
         self.failure = why
+        self.up.set(0)
         log.error("classifier: NOT READY - %s", why)
 
     def _import_legacy(self, store) -> None:
@@ -145,10 +150,15 @@ class TaughtState:
     async def call(self, method, *args, **kwargs):
         """Run a blocking store call in a worker thread; store problems become HTTP answers."""
         try:
-            name = f"store.{getattr(method, '__name__', 'call')}"
-            with tracing.span(name, **{"db.system": self.url.partition(":")[0]}):
-                return await asyncio.to_thread(method, *args, **kwargs)
+            operation = getattr(method, "__name__", "call")
+            started = time.perf_counter()
+            with tracing.span(f"store.{operation}", **{"db.system": self.url.partition(":")[0]}):
+                answer = await asyncio.to_thread(method, *args, **kwargs)
+            metrics()["store_seconds"].labels("classifier", operation).observe(time.perf_counter() - started)
+            self.up.set(1)
+            return answer
         except StoreError as exc:
+            self.up.set(0)
             raise ApiError(503, "store_unavailable", str(exc)) from None
         except TooManyExamples as exc:
             raise ApiError(409, "too_many_examples", f"the taught state would hold {exc.total} examples, over the "

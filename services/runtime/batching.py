@@ -34,12 +34,13 @@ InferFn = Callable[[np.ndarray], Sequence[np.ndarray]]
 class DynamicBatcher:
     def __init__(self, infer: InferFn, *, enabled: bool, max_rows: int, wait_ms: float,
                  on_batch: Callable[[int], None] | None = None, name: str = "model", inline_ms: float = 0.0,
-                 attributes: dict | None = None):
+                 attributes: dict | None = None, on_queue: Callable[[int], None] | None = None):
         self.infer, self.enabled, self.max_rows, self.wait_s = infer, enabled, max_rows, wait_ms / 1000
         self.attributes = attributes or {"model": name}  # on its trace spans (tracing.py)
         self.inline_s = inline_ms / 1000
         self.row_seconds: float | None = None  # the latest batch's time per row; None: none run yet
         self.on_batch = on_batch or (lambda rows: None)
+        self.on_queue = on_queue or (lambda rows: None)  # rows still waiting as each batch starts
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"infer-{name}")
         # Each queued request: its rows, its answer, its trace span's context and when it queued.
         self._queue: deque[tuple[np.ndarray, asyncio.Future, object, int]] = deque()
@@ -97,6 +98,7 @@ class DynamicBatcher:
                     continue
                 rows = batch[0][0] if len(batch) == 1 else np.concatenate([queued[0] for queued in batch])
                 self.on_batch(len(rows))
+                self.on_queue(sum(len(queued[0]) for queued in self._queue) if self._queue else 0)
                 try:
                     if tracing.enabled:
                         with tracing.batch_spans([(c, len(r), at) for r, _, c, at in batch], len(rows),

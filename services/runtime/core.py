@@ -25,7 +25,7 @@ from services.runtime import patches
 from services.runtime.patches import pauses
 from services.runtime.config import Settings, settings_for
 from services.runtime.control import ControlFile
-from services.runtime.errors import ApiError, clip, shown
+from services.runtime.errors import ANSWERING, ApiError, clip, shown
 from services.runtime.metrics import metrics
 from services.runtime.model import LoadedModel
 from services.runtime.releases import Releases
@@ -63,6 +63,7 @@ class Runtime:
         self.canary_kinds = (kind,) if isinstance(kind, str) else tuple(kind)  # models a canary may release
         self.releases = Releases(self)  # canaries and shadows (releases.py, canary.py)
         self.ready = False
+        metrics()["ready"].labels(service).set(0)
         self.failure: str | None = None
         self.control = ControlFile(self.settings.control_dir, service, self.repository)
         self._changing = threading.RLock()  # one load, switch or unload at a time
@@ -99,6 +100,7 @@ class Runtime:
                 self.releases.follow(record)  # a canary that was running before a restart goes on
             pauses.freeze_long_lived(self.service, self.settings.gc_freeze)
             self.ready = True
+            metrics()["ready"].labels(self.service).set(1)
             log.info("%s: ready with %d model(s) in %.1fs", self.service, len(self.models), time.monotonic() - started)
         except Exception as exc:  # noqa: BLE001 - any failure keeps the service not ready, said once
             self.failure = f"{type(exc).__name__}: {exc}"
@@ -460,6 +462,7 @@ class Runtime:
             model = self.releases.route(name, model)
         if tracing.enabled:
             tracing.annotate(model=name, **{"model.version": model.version})
+        ANSWERING.set(model)
         return model
 
     def info(self, **extra) -> dict:

@@ -10,10 +10,15 @@ form by the HTTP layer (http.py).
 
 from __future__ import annotations
 
+import contextvars
 import functools
 from typing import Any
 
 from starlette.responses import JSONResponse
+
+
+# The model a request took (Runtime.get sets it), so its error is counted against that version.
+ANSWERING: contextvars.ContextVar = contextvars.ContextVar("answering_model", default=None)
 
 
 def error_body(status: int, code: str, message: str, field: str | None = None, **extra: Any) -> dict:
@@ -38,6 +43,14 @@ def shown(value, limit: int = 80) -> str:
     return repr(clip(str(value), limit))
 
 
+def count_model_error(status: int, code: str) -> None:
+    model = ANSWERING.get()
+    if model is not None:
+        from services.runtime.metrics import metrics
+
+        metrics()["model_errors"].labels(model.service, model.name, model.version, str(status), code).inc()
+
+
 def clip(text: str, limit: int = 1000) -> str:
     return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
@@ -55,8 +68,12 @@ def api_errors(func):
         try:
             return await func(*args, **kwargs)
         except ApiError as exc:
+            count_model_error(exc.status, exc.code)
             if kwargs.get("ctx") is not None:
                 kwargs["ctx"].response.status_code = exc.status
             return exc.response()
+        except Exception:
+            count_model_error(500, "internal_error")
+            raise
 
     return wrapper

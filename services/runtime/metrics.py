@@ -47,4 +47,24 @@ def metrics():
         "errors": prom.Counter(
             "api_errors", "Error responses by code", ["service", "status", "code"],
         ),
+        "model_errors": prom.Counter(
+            "model_errors", "Error responses of requests that had taken a model, by its version and the code",
+            ["service", "model", "version", "status", "code"],
+        ),
+        "ready": prom.Gauge(
+            "service_ready", "1 once every model is loaded and warmed up (what /readyz says), else 0",
+            ["service"], multiprocess_mode="liveall",
+        ),
+        "queue_rows": prom.Gauge(
+            "model_queue_rows", "Rows waiting for the next batch when a batch starts", ["service", "model"],
+            multiprocess_mode="liveall",
+        ),
+        "store_up": prom.Gauge(
+            "taught_store_up", "1 while the classifier's taught-examples store answers, 0 when it does not",
+            ["service"], multiprocess_mode="liveall",
+        ),
+        "store_seconds": prom.Histogram(
+            "taught_store_seconds", "Time of one taught-examples store call", ["service", "operation"],
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10),
+        ),
     }

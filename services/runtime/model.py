@@ -41,7 +41,8 @@ class LoadedModel:
                                       wait_ms=settings.batch_wait_ms, on_batch=self._batch_sizes.observe,
                                       name=entry.name, inline_ms=settings.inline_infer_ms,
                                       attributes={"model": entry.name, "model.version": entry.version,
-                                                  "onnxruntime.provider": self.provider})
+                                                  "onnxruntime.provider": self.provider},
+                                      on_queue=m["queue_rows"].labels(service, entry.name).set)
 
     name = property(lambda self: self.entry.name)
     version = property(lambda self: self.entry.version)

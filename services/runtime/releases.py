@@ -20,6 +20,7 @@ from services.runtime.errors import ApiError
 from services.runtime.metrics import metrics
 
 log = logging.getLogger("services.runtime")
+OUTCOMES = ("promoted", "rolled_back", "stopped")
 
 
 class Releases:
@@ -115,6 +116,8 @@ class Releases:
                     continue
                 self.active[name] = Canary(plan, candidate, rt.models[name], self.folder / f"{name}-{plan.id}")
                 gauge.labels(rt.service, name, plan.version, plan.mode).set(1)
+                for outcome in OUTCOMES:  # from 0, so that Prometheus's increase() sees the first decision
+                    metrics()["canary_decisions"].labels(rt.service, name, plan.version, outcome).inc(0)
 
     def cancel(self, chosen: dict, reason: str) -> None:
         """In a record change that switches the serving version: a running canary ends with it."""
