@@ -267,3 +267,50 @@ def test_the_judge_decides_as_soon_as_the_limits_cannot_be_met():
     assert judge(tallies(150, compared=60, agreed=60), now=1005) is None  # the window has not passed
     assert judge(tallies(150, compared=40, agreed=40), now=1011) is None  # too few compared rows
     assert judge(tallies(150, compared=60, agreed=60), now=1011)[0] == "promoted"
+
+
+def test_a_classifier_canary_answers_classify_and_leaves_teaching_to_the_serving_version(tmp_path):
+    """/classify goes through the canary; the teach endpoints (taught state belongs to a version)
+    and the face networks do not."""
+    from classifier_helpers import fashion_png
+    from test_model_lifecycle import ADMIN_KEY, renamed_copy
+
+    models = tmp_path / "models"
+    shutil.copytree(POLICIES.parent / "classifier", models / "classifier")
+    renamed_copy(models, "classifier", "fashion", "2")
+    renamed_copy(models, "classifier", "faces", "2")
+    env = {"MODELS_DIR": str(models), "MODEL_CONTROL_DIR": str(tmp_path / "control"), "ADMIN_KEY": ADMIN_KEY,
+           "MODEL_VERSIONS": "fashion=1,faces=1", "MODEL_CONTROL_POLL": "0.2",
+           "TEACH_STORE": f"sqlite:///{tmp_path / 'taught.db'}"}
+    with running_service("classifier", tmp_path, env=env) as server:
+        assert admin(server, "/models/fashion/versions/2/load").status_code == 200
+        assert admin(server, "/models/faces/versions/2/load").status_code == 200
+        refused = error_of(admin(server, "/models/faces/canary", {"version": "2"}), 422)
+        assert refused["code"] == "canary_unsupported"
+        plan = {"version": "2", "share": 0.5, "min_requests": 12, "window_s": 1, "compare_share": 1.0,
+                "min_compared": 6}
+        assert admin(server, "/models/fashion/canary", plan).status_code == 200
+        versions = set()
+        with requests.Session() as session:
+            for i in range(30):
+                r = session.post(f"{server.url}/classify", files=[("images", ("x.png", fashion_png(i % 5),
+                                                                              "image/png"))], timeout=30)
+                assert r.status_code == 200, r.text
+                versions.add(r.json()["version"])
+                if i == 0:  # teaching during the canary uses the serving version
+                    r = session.post(f"{server.url}/teach", files=[("images", ("x.png", fashion_png(0),
+                                                                               "image/png"))],
+                                     data={"name": "shirt", "model": "fashion"}, timeout=30)
+                    assert r.status_code == 200 and r.json()["version"] == "1", r.text
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            last = info(server)["model_control"]["canaries"].get("fashion", {}).get("last")
+            if last:
+                break
+            time.sleep(0.2)
+        assert versions == {"1", "2"}
+        # The serving version has a taught example and version 2 none: the promotion is refused
+        # by the classifier's own rule, so the canary ends rolled back, saying why.
+        assert last["outcome"] == "rolled_back" and "untaught_version" not in last["reason"]
+        assert "taught" in last["reason"] and last["figures"]["agreement"] == 1.0
+        assert info(server)["versions"]["fashion"]["serving"] == "1"

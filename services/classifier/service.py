@@ -71,6 +71,7 @@ def face_distance(similarity: float) -> float:
 class Classifier:
     def __init__(self) -> None:
         self.runtime = Runtime(service=SERVICE, kind=KINDS)
+        self.runtime.canary_kinds = ("classifier",)  # /classify, /embed; the face networks feed taught state
         self.runtime.on_load.append(self.prepare_search)
         settings = self.runtime.settings.classifier
         self.domains = Domains(settings.domain_threshold)
