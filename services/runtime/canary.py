@@ -289,6 +289,10 @@ class Answer:
     def __init__(self, canary: Canary, model, copy: bool = False):
         self._canary, self._model, self._copy = canary, model, copy
 
+    @property
+    def answering(self):
+        return self._model
+
     def __getattr__(self, name):
         return getattr(self._model, name)
 

@@ -456,10 +456,12 @@ class Runtime:
             if model is None:
                 raise ApiError(404, "version_not_found", f"{name} has no loaded version {shown(version)}; loaded: "
                                f"{sorted(loaded, key=int)} (serving {models[name].version})", field="version")
-        model.answers.inc()
-        model.taken += 1
+        answering = model
         if canary and version is None and self.releases.active:
             model = self.releases.route(name, model)
+            answering = getattr(model, "answering", model)  # a canary's Answer: the version it sends the request to
+        answering.answers.inc()
+        answering.taken += 1
         if tracing.enabled:
             tracing.annotate(model=name, **{"model.version": model.version})
         ANSWERING.set(model)
