@@ -221,12 +221,14 @@ def test_every_worker_follows_the_decision(tmp_path, models_copy):
     env = settings(models_copy, tmp_path / "control", WORKERS="2")
     with running_service("policy", tmp_path, env=env) as server:
         assert admin(server, "/models/cartpole/versions/2/load").status_code == 200
-        time.sleep(1.0)  # the other worker has loaded it too
+        deadline = time.monotonic() + 60  # the other worker loads it too
+        while server.log().count("loaded cartpole version 2 on") < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
         with Clients(server, CENTRE, count=6) as clients:
             canary(server, version="2", share=0.5, min_requests=120, window_s=2, min_compared=10, max_p99_ratio=5.0)
             last = ended(server, 60)
             time.sleep(1.5)
-        assert last["outcome"] == "promoted"
+        assert last["outcome"] == "promoted", last
         # Each worker counted its own traffic into the sum the decision was made on ...
         tallies = list((tmp_path / "control" / "policy" / "canary").glob(f"cartpole-{last['id']}/*.json"))
         assert len(tallies) == 2, tallies

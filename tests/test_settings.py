@@ -44,13 +44,22 @@ def test_the_renamed_knobs_keep_their_old_names_with_a_deprecation_line(monkeypa
     ("DOMAIN_THRESHOLD", "1.01", "from 0 to 1"),
     ("TEACH_PGVECTOR", "maybe", "auto, on, hnsw, off"),
     ("OTEL_TRACES_EXPORTER", "zipkin", "otlp (or none)"),
-    ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc", "only http/protobuf"),
 ])
 def test_a_bad_value_names_the_variable_and_what_it_accepts(monkeypatch, name, value, accepted):
     monkeypatch.setenv(name, value)
     with pytest.raises(ValueError, match=name) as refused:
         Settings.from_env("classifier")
     assert accepted in str(refused.value)
+
+
+def test_traces_go_out_only_over_the_protocol_that_is_installed(monkeypatch):
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4318")
+    assert Settings.from_env("policy").tracing == "otlp"
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")
+    with pytest.raises(ValueError, match="OTEL_EXPORTER_OTLP_PROTOCOL='grpc': only http/protobuf"):
+        Settings.from_env("policy")
+    monkeypatch.setenv("OTEL_TRACES_EXPORTER", "none")  # off: the protocol no longer matters
+    assert Settings.from_env("policy").tracing is None
 
 
 def test_a_service_with_a_bad_setting_stops_and_says_why(tmp_path):

@@ -464,7 +464,7 @@ class Runtime:
         answering.taken += 1
         if tracing.enabled:
             tracing.annotate(model=name, **{"model.version": model.version})
-        ANSWERING.set(model)
+        ANSWERING.set((self.service, answering.name, answering.version))
         return model
 
     def info(self, **extra) -> dict:

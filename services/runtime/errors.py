@@ -17,7 +17,8 @@ from typing import Any
 from starlette.responses import JSONResponse
 
 
-# The model a request took (Runtime.get sets it), so its error is counted against that version.
+# (service, model, version) of the model a request took (Runtime.get sets it), so its error is
+# counted against that version. Names, not the model: a context must not keep an unloaded one alive.
 ANSWERING: contextvars.ContextVar = contextvars.ContextVar("answering_model", default=None)
 
 
@@ -44,11 +45,11 @@ def shown(value, limit: int = 80) -> str:
 
 
 def count_model_error(status: int, code: str) -> None:
-    model = ANSWERING.get()
-    if model is not None:
+    answering = ANSWERING.get()
+    if answering is not None:
         from services.runtime.metrics import metrics
 
-        metrics()["model_errors"].labels(model.service, model.name, model.version, str(status), code).inc()
+        metrics()["model_errors"].labels(*answering, str(status), code).inc()
 
 
 def clip(text: str, limit: int = 1000) -> str:
