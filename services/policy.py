@@ -138,9 +138,7 @@ def sample_actions(model: LoadedModel, outputs: list[np.ndarray], seed: int | No
         draws = rng.random((len(second), 1)) * cumulative[:, -1:]
         return (draws < cumulative).argmax(axis=1)
     sampled = action + second * rng.standard_normal(action.shape).astype(np.float32)
-    low = np.array([-np.inf if v is None else v for v in space.low], np.float32).reshape(action.shape[1:])
-    high = np.array([np.inf if v is None else v for v in space.high], np.float32).reshape(action.shape[1:])
-    return np.clip(sampled, low, high)
+    return np.clip(sampled, *space.bounds())
 
 
 @bentoml.service(name=SERVICE, **service_options(SERVICE))

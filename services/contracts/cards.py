@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Union
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 KINDS = ("policy", "generator", "classifier", "face_detector", "face_landmarks", "face_descriptor",
@@ -61,6 +62,15 @@ class Space(_Part):
         if self.type == "Box" and not self.shape:
             raise ValueError("a Box space needs its shape")
         return self
+
+    def bounds(self) -> tuple[np.ndarray, np.ndarray]:
+        """A Box's low and high as float32 arrays of its shape; null (unbounded) as -inf / +inf."""
+        def side(value, unbounded: float) -> np.ndarray:
+            items = [unbounded if v is None else v for v in np.array(value, dtype=object).ravel().tolist()]
+            flat = np.array(items, np.float32)
+            return np.broadcast_to(flat.reshape(self.shape) if flat.size > 1 else flat, self.shape)
+
+        return side(self.low, -np.inf), side(self.high, np.inf)
 
 
 class PolicyContract(Contract):

@@ -20,7 +20,7 @@ import math
 import re
 
 from services.contracts import repository
-from services.runtime.canary import PLAN_FIELDS
+from services.runtime.canary import ABOVE_MINIMUM, PLAN_FIELDS, Plan
 from services.runtime.errors import ApiError, bad_request, shown
 
 ROUTE = re.compile(r"^/models/(?P<name>[^/]+)/"
@@ -137,7 +137,7 @@ def plan_field(key: str, value):
     number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     if kind is int and not (isinstance(value, int) and not isinstance(value, bool)):
         number = False
-    above = key in ("share", "compare_share", "max_p99_ratio")  # 0 would mean nothing
+    above = key in ABOVE_MINIMUM
     if not number or value > high or (value <= low if above else value < low):
         raise bad_request("invalid_field", f"{key} ({meaning}) must be {'an integer' if kind is int else 'a number'} "
                           f"{'above' if above else 'from'} {low:g} {'up to' if above else 'to'} {high:g}, "
@@ -231,12 +231,10 @@ def plan_schema(key: str) -> dict:
     kind, low, high, meaning = PLAN_FIELDS[key]
     if kind is str:
         return {"type": "string", "enum": list(MODES), "default": "canary", "description": meaning}
-    from services.runtime.canary import Plan
-
     schema = {"type": "integer" if kind is int else "number", "maximum": high, "description": meaning,
               "default": Plan.__dataclass_fields__[key].default}
     schema["minimum"] = low
-    if key in ("share", "compare_share", "max_p99_ratio"):
+    if key in ABOVE_MINIMUM:
         schema["exclusiveMinimum"] = True  # OpenAPI 3.0's form
     if key == "min_agreement":
         schema.update(nullable=True, description=meaning + "; default GATE_MIN_AGREEMENT, null: not judged")

@@ -81,6 +81,7 @@ PLAN_FIELDS = {
     "compare_share": (float, 0.0, 1.0, "share of candidate answers compared with the serving version's"),
     "min_compared": (int, 1, 10_000_000, "compared rows before a promotion"),
 }
+ABOVE_MINIMUM = ("share", "compare_share", "max_p99_ratio")  # their minimum itself is not allowed: 0 means nothing
 
 
 @dataclass
@@ -132,12 +133,24 @@ def output_problem(model, outputs) -> str | None:
         if space.type == "Discrete" and ((actions < 0) | (actions >= space.n)).any():
             return f"an action outside Discrete({space.n})"
         if space.type == "Box":
-            low = np.array([-np.inf if v is None else v for v in space.low], np.float32)
-            high = np.array([np.inf if v is None else v for v in space.high], np.float32)
-            flat = actions.reshape(len(actions), -1)
-            if ((flat < low - 1e-6) | (flat > high + 1e-6)).any():
+            low, high = space.bounds()
+            if ((actions < low - 1e-6) | (actions > high + 1e-6)).any():
                 return "an action outside the action space's bounds"
     return None
+
+
+class EvenShare:
+    """Exactly `share` of calls, spread evenly: every 10th at 0.1 (no randomness to explain)."""
+
+    def __init__(self, share: float):
+        self.share, self.credit = share, 0.0
+
+    def take(self) -> bool:
+        self.credit += self.share
+        if self.credit >= 1.0 - 1e-9:
+            self.credit -= 1.0
+            return True
+        return False
 
 
 class Canary:
@@ -148,11 +161,11 @@ class Canary:
         self.tallies = {"candidate": Tally(), "serving": Tally()}
         self.tally_file = tally_dir / f"{socket.gethostname()}-{os.getpid()}.json"
         self.stopped: str | None = None  # set when this worker's own tally already fails: stop routing
-        self._credit = self._compare_credit = 0.0
+        self.last_figures: dict | None = None  # of the merged tallies, at the latest judging
+        self._share, self._compare = EvenShare(plan.share), EvenShare(plan.compare_share)
         self._copies: set[asyncio.Task] = set()
-        self.agrees = gate.AGREEMENT.get(candidate.spec.kind) if candidate.spec.kind in AGREEING_KINDS else None
-        if self.agrees is None or plan.min_agreement is None:
-            self.agrees = None
+        judged = candidate.spec.kind in AGREEING_KINDS and plan.min_agreement is not None
+        self.agrees = gate.AGREEMENT[candidate.spec.kind] if judged else None
 
     # Routing -----------------------------------------------------------------------------
 
@@ -161,36 +174,18 @@ class Canary:
         if self.stopped is not None:
             return self.serving
         if self.plan.mode == "shadow":
-            return Answer(self, self.serving, copy=self._take(self.plan.share))
-        if self._take(self.plan.share):
-            return Answer(self, self.candidate)
-        return Answer(self, self.serving)
+            return Answer(self, self.serving, copy=self._share.take())
+        return Answer(self, self.candidate if self._share.take() else self.serving)
 
-    def _take(self, share: float) -> bool:
-        """Exactly `share` of calls, spread evenly (no randomness to explain)."""
-        self._credit += share
-        if self._credit >= 1.0 - 1e-9:
-            self._credit -= 1.0
-            return True
-        return False
-
-    def _compare_now(self) -> bool:
-        if self.agrees is None:
-            return False
-        self._compare_credit += self.plan.compare_share
-        if self._compare_credit >= 1.0 - 1e-9:
-            self._compare_credit -= 1.0
-            return True
-        return False
+    def compare_now(self) -> bool:
+        return self.agrees is not None and self._compare.take()
 
     def count_error(self, problem: str) -> None:
         tally = self.tallies["candidate"]
         tally.requests += 1
         tally.errors += 1
         tally.last_error = problem[:300]
-        verdict = self.judge(self.tallies)
-        if verdict and verdict[0] == "rolled_back":
-            self.stopped = verdict[1]
+        self._stop_if_failed()
 
     def compare(self, old, new) -> None:
         fraction, _ = self.agrees(old, new, self.candidate, self.serving)
@@ -198,6 +193,10 @@ class Canary:
         tally = self.tallies["candidate"]
         tally.compared += rows
         tally.agreed += int(round(fraction * rows))
+        self._stop_if_failed()
+
+    def _stop_if_failed(self) -> None:
+        """This worker's own figures already fail: it stops routing now; the next judging records it."""
         verdict = self.judge(self.tallies)
         if verdict and verdict[0] == "rolled_back":
             self.stopped = verdict[1]
@@ -305,7 +304,7 @@ class Answer:
             if self._copy:
                 canary.shadow(rows, outputs)
             return outputs
-        compare = canary._compare_now()
+        compare = canary.compare_now()
         try:
             if compare:
                 outputs, served = await asyncio.gather(model(rows), canary.serving(rows))

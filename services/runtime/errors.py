@@ -16,6 +16,8 @@ from typing import Any
 
 from starlette.responses import JSONResponse
 
+from services.runtime.metrics import metrics
+
 
 # (service, model, version) of the model a request took (Runtime.get sets it), so its error is
 # counted against that version. Names, not the model: a context must not keep an unloaded one alive.
@@ -47,8 +49,6 @@ def shown(value, limit: int = 80) -> str:
 def count_model_error(status: int, code: str) -> None:
     answering = ANSWERING.get()
     if answering is not None:
-        from services.runtime.metrics import metrics
-
         metrics()["model_errors"].labels(*answering, str(status), code).inc()
 
 

@@ -68,7 +68,7 @@ class Releases:
             for old in self.folder.glob(f"{name}-*"):  # tallies of canaries that have ended
                 shutil.rmtree(old, ignore_errors=True)
             rt._record(name, lambda chosen: chosen.update(canary=asdict(plan)))
-            rt._apply(rt.control.read())
+            self.follow(rt.control.read())
             log.info("%s: %s version %s: %s started against version %s (%s)", rt.service, name, version, plan.mode,
                      serving.version, ", ".join(f"{k} {v}" for k, v in asdict(plan).items()
                                                 if k not in ("version", "id", "started_at")))
@@ -178,7 +178,7 @@ class Releases:
 
     def info(self) -> dict:
         running = {name: {"state": "running", **asdict(c.plan), "serving": c.serving.version,
-                          "figures": getattr(c, "last_figures", None) or c.figures(c.tallies),
+                          "figures": c.last_figures or c.figures(c.tallies),
                           "stopped_here": c.stopped}
                    for name, c in self.active.items()}
         return {name: {"running": running.get(name), "last": self.last.get(name)}

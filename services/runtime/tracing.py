@@ -27,6 +27,8 @@ import json
 import logging
 import time
 
+from opentelemetry import trace  # the API only (BentoML's dependency); the SDK is imported when on
+
 log = logging.getLogger("services.runtime")
 
 enabled = False
@@ -70,8 +72,6 @@ class _Headers:
 
 def request_span(scope, name: str):
     """The SERVER span of one request, joined to the caller's traceparent; a context manager."""
-    from opentelemetry import trace
-
     parent = _propagator.extract(scope, getter=_Headers)
     return _tracer.start_as_current_span(name, context=parent, kind=trace.SpanKind.SERVER,
                                          attributes={"http.request.method": scope["method"],
@@ -81,8 +81,6 @@ def request_span(scope, name: str):
 async def traced(scope, route: str, handle, receive, send) -> None:
     """handle(scope, receive, send) inside the request's span, which records the answer's status
     and, for an error, its code (from the one error shape, errors.py)."""
-    from opentelemetry.trace import Status, StatusCode
-
     with request_span(scope, f"{scope['method']} {route}") as span:
         answer = {"status": 0}
 
@@ -100,7 +98,7 @@ async def traced(scope, route: str, handle, receive, send) -> None:
             if answer.get("code"):
                 span.set_attribute("error.code", answer["code"])
             if answer["status"] >= 500:
-                span.set_status(Status(StatusCode.ERROR, answer.get("code")))
+                span.set_status(trace.Status(trace.StatusCode.ERROR, answer.get("code")))
 
 
 def _error_code(body: bytes) -> str | None:
@@ -113,9 +111,7 @@ def _error_code(body: bytes) -> str | None:
 def annotate(**attributes) -> None:
     """Attributes on the current request's span (no-op when off or outside a request)."""
     if enabled:
-        from opentelemetry import trace
-
-        trace.get_current_span().set_attributes({k: v for k, v in attributes.items() if v is not None})
+            trace.get_current_span().set_attributes({k: v for k, v in attributes.items() if v is not None})
 
 
 def span(name: str, **attributes):
@@ -129,8 +125,6 @@ def current():
     """The current span's context, to hand across the batcher's queue (None when off)."""
     if not enabled:
         return None
-    from opentelemetry import trace
-
     context = trace.get_current_span().get_span_context()
     return context if context.is_valid else None
 
@@ -144,8 +138,6 @@ def batch_spans(queued: list[tuple], rows: int, attributes: dict):
     """Around one merged batch: `queued` holds (request span context, rows, queued at ns) per
     request. The batch span (with onnxruntime.run inside) is the first request's child, linked
     to all; each request gets its `queue` span, ending when the batch starts."""
-    from opentelemetry import trace
-
     contexts = [c for c, _, _ in queued if c is not None]
     if not contexts:
         yield
