@@ -8,8 +8,9 @@ SERVE_ARGS ?=
 
 # Debian packages the tests use: Docker + compose + debootstrap for the container test,
 # Fashion-MNIST for the generator and classifier, Chromium and its driver for the console
-# tests. Installed when running as root.
-SYSTEM_PACKAGES := docker.io docker-compose debootstrap dataset-fashion-mnist chromium chromium-driver prometheus
+# tests, OSMesa for rendering the MuJoCo robots offscreen (`play --record`, its test). Installed
+# when running as root.
+SYSTEM_PACKAGES := docker.io docker-compose debootstrap dataset-fashion-mnist chromium chromium-driver prometheus libosmesa6
 
 .PHONY: serve test system-packages train-policies play benchmark clean-venvs
 

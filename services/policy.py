@@ -109,7 +109,8 @@ class ActRequest(bentoml.IODescriptor):
                                   "for pixel policies); model, deterministic, seed and version in the query string")
     npy_answer: ClassVar[str] = ("with Accept: application/x-npy, the actions as .npy: int64 [N] for discrete "
                                  "action spaces, float32 [N, *action_shape] otherwise; model, version in x-model, "
-                                 "x-model-version")
+                                 "x-model-version; for a policy whose card records its observation range, "
+                                 "x-outside-training-range lists the rows outside it (comma-separated, maybe empty)")
     QUERY_FIELDS: ClassVar[tuple[str, ...]] = ("model", "deterministic", "seed", "version")
 
     @classmethod
@@ -137,8 +138,29 @@ def sample_actions(model: LoadedModel, outputs: list[np.ndarray], seed: int | No
         cumulative = np.cumsum(second, axis=1)
         draws = rng.random((len(second), 1)) * cumulative[:, -1:]
         return (draws < cumulative).argmax(axis=1)
-    sampled = action + second * rng.standard_normal(action.shape).astype(np.float32)
-    return np.clip(sampled, *space.bounds())
+    noise = rng.standard_normal(action.shape).astype(np.float32)
+    low, high = space.bounds()
+    if model.spec.contract.action_squashing == "tanh":  # outputs[3]: the mean before squashing
+        squashed = np.tanh(outputs[3] + second * noise)
+        return np.clip(low + (squashed + 1) * 0.5 * (high - low), low, high)  # clip: float rounding at +/-1
+    return np.clip(action + second * noise, low, high)
+
+
+def outside_training_range(model: LoadedModel, batch: np.ndarray) -> np.ndarray | None:
+    """Per observation, whether any dimension lies outside the range the card measured the policy on
+    (None when the card records no range): the action is then an extrapolation, and the client is told."""
+    known = model.spec.contract.observation_range
+    if known is None:
+        return None
+    flat = batch.reshape(len(batch), -1)
+    return ((flat < np.asarray(known.low, np.float32)) | (flat > np.asarray(known.high, np.float32))).any(axis=1)
+
+
+def _measured(card: dict) -> dict:
+    """The card's evaluation figures a client compares policies by (and a robot's target)."""
+    metrics = card.get("metrics") or {}
+    keep = ("mean_return", "std_return", "episodes", "target", "published_by_others")
+    return {key: metrics[key] for key in keep if key in metrics}
 
 
 @bentoml.service(name=SERVICE, **service_options(SERVICE))
@@ -157,7 +179,10 @@ class Policy:
         policies = {name: {"observation_space": m.card["contract"]["observation_space"],  # as the card writes them
                            "action_space": m.card["contract"]["action_space"],
                            "action_meanings": m.spec.contract.action_meanings,
-                           "env_id": m.spec.contract.env_id}
+                           "env_id": m.spec.contract.env_id,
+                           **({"action_squashing": m.spec.contract.action_squashing}
+                              if m.spec.contract.action_space.type == "Box" else {}),
+                           "measured": _measured(m.card)}
                     for name, m in self.runtime.models.items()}
         return self.runtime.info(policies=policies, endpoints=["POST /act", "GET /info"])
 
@@ -175,12 +200,16 @@ class Policy:
             batch = self.observations(policy, observations, frames_png, observations_b64, shape)
         outputs = await policy(batch)
         actions = outputs[0] if deterministic else sample_actions(policy, outputs, seed)
+        outside = outside_training_range(policy, batch)
         if answer_form == arrays.NPY:
+            extra = {} if outside is None else {"outside_training_range": ",".join(map(str, np.flatnonzero(outside)))}
             return arrays.npy_response(actions, model=policy.name, model_version=policy.version,
-                                       deterministic=str(deterministic).lower())
+                                       deterministic=str(deterministic).lower(), **extra)
         discrete = policy.spec.contract.action_space.type == "Discrete"
         answer = {"actions": actions.tolist(), "values": outputs[2].tolist()}
         answer["probabilities" if discrete else "action_std"] = outputs[1].tolist()
+        if outside is not None:
+            answer["outside_training_range"] = outside.tolist()
         answer.update(model=policy.name, version=policy.version, deterministic=deterministic)
         return answer
 

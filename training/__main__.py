@@ -1,6 +1,7 @@
 """python -m training <command> ...: the project's offline tools.
 
   policy   train, evaluate and export an RL policy (training/policy.py)
+  robot    train, evaluate and export a MuJoCo robot's policy with soft actor-critic (training/robot.py)
   pixel-policy  clone the CartPole policy into a CNN that acts from camera frames (training/pixel_policy.py)
   gan      train, measure and export a DCGAN image generator (training/gan.py)
   cgan     train, measure and export a class-conditional generator (training/cgan.py)
@@ -16,7 +17,7 @@
 import importlib
 import sys
 
-COMMANDS = {"policy": "training.policy", "pixel-policy": "training.pixel_policy", "play": "training.play", "gan": "training.gan", "cgan": "training.cgan",
+COMMANDS = {"policy": "training.policy", "robot": "training.robot", "pixel-policy": "training.pixel_policy", "play": "training.play", "gan": "training.gan", "cgan": "training.cgan",
             "classifier": "training.classifier", "domain": "training.domain", "evidence": "training.evidence",
             "faces": "training.faces.export", "animal-check": "training.faces.animals", "probes": "training.probes"}
 

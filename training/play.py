@@ -2,12 +2,15 @@
 
     python -m training play --env CartPole-v1 --url http://127.0.0.1:3001 --episodes 10
     python -m training play --env CartPole-v1 --pixels --record episode.gif
+    python -m training play --env HalfCheetah-v5 --episodes 10 --record cheetah.gif
 
 Runs the environment here, sends each observation to POST /act, steps with the answer,
 and prints each episode's return and the mean. With --pixels the policy gets camera frames
 (services/contracts/pixels.py: rendered here, cropped, greyscale, shrunk, the last 4 stacked), sent
 as raw bytes (--form b64, the default), PNGs (--form png) or JSON numbers (--form json);
---record saves the first episode as the camera saw it, with each chosen push drawn on it.
+--record saves the first episode as the camera saw it, with each chosen push drawn on it. For a
+MuJoCo robot, --record saves the first episode as MuJoCo renders it offscreen (OSMesa unless
+MUJOCO_GL says otherwise), in real time, with the joints' commands drawn as bars.
 """
 
 from __future__ import annotations
@@ -65,34 +68,65 @@ def policy_for(url: str, env_id: str, pixels: bool = False) -> str | None:
 
 def play(env_id: str, url: str, episodes: int, seed: int, model: str | None = None,
          api_key: str | None = None, pixels: bool = False, form: str = "b64", record: str | None = None,
-         record_every: int = 2) -> list[float]:
+         record_every: int = 2, record_steps: int = 300, max_steps: int | None = None) -> list[float]:
     if pixels:
         from training.pixel_policy import make_env
 
         if env_id != "CartPole-v1":
             raise SystemExit("--pixels: the camera contract is CartPole-v1's (services/contracts/pixels.py)")
         env = make_env()
+    elif record:
+        os.environ.setdefault("MUJOCO_GL", "osmesa")  # read when MuJoCo's renderer is first made
+        os.environ.setdefault("PYOPENGL_PLATFORM", os.environ["MUJOCO_GL"])
+        env, form = gym.make(env_id, render_mode="rgb_array", width=320, height=240), "json"
     else:
         env, form = gym.make(env_id), "json"
     returns, seen = [], []
     for episode in range(episodes):
         observation, _ = env.reset(seed=seed + episode)
-        total, done = 0.0, False
+        total, done, step = 0.0, False, 0
         while not done:
             action = act(url, observation, model, api_key, form)
-            if record and episode == 0:
+            if record and episode == 0 and pixels:
                 seen.append((observation[-1].copy(), action))  # the newest frame: what the camera sees now
+            elif record and episode == 0 and step < record_steps and step % record_every == 0:
+                seen.append((env.render(), np.asarray(action, np.float32), total))
             observation, reward, terminated, truncated, _ = env.step(
                 np.asarray(action, dtype=env.action_space.dtype) if isinstance(action, list) else action)
-            total += float(reward)
-            done = terminated or truncated
+            total, step = total + float(reward), step + 1
+            done = terminated or truncated or (max_steps is not None and step >= max_steps)
         returns.append(total)
         print(f"episode {episode + 1:>3}/{episodes}: return {total:8.2f}", flush=True)
-    env.close()
     if record and pixels:
         save_gif(seen[::record_every], record, record_every)
         print(f"recorded episode 1 as the camera saw it: {record}")
+    elif record:
+        step_seconds = float(getattr(env.unwrapped, "dt", 0.05))
+        save_robot_gif(seen, record, record_every, step_seconds, env.action_space)
+        print(f"recorded the first {min(record_steps, len(seen) * record_every)} steps of episode 1 as MuJoCo "
+              f"rendered them: {record}")
+    env.close()
     return returns
+
+
+def save_robot_gif(steps: list, path: str, every: int, step_seconds: float, space) -> None:
+    """MuJoCo's frames in real time, with each joint's served command drawn as a bar under them."""
+    from PIL import Image, ImageDraw
+
+    low, high = space.low, space.high
+    pictures = []
+    for i, (frame, action, total) in enumerate(steps):
+        image = Image.fromarray(frame).convert("RGB")
+        draw = ImageDraw.Draw(image)
+        width = (image.width - 20) / len(action)
+        for j, a in enumerate(action):  # a bar per joint: up for positive torque, down for negative
+            x, fraction = 10 + j * width, (float(a) - low[j]) / (high[j] - low[j]) * 2 - 1
+            y0, y1 = sorted((image.height - 22, image.height - 22 - 16 * fraction))
+            draw.rectangle([x + 2, y0, x + width - 2, y1], fill=(43, 108, 176))
+        draw.text((6, 4), f"step {i * every}  return {total:7.1f}", fill=(20, 20, 20))
+        pictures.append(image.quantize(colors=64))
+    pictures[0].save(path, save_all=True, append_images=pictures[1:], duration=round(1000 * step_seconds * every),
+                     loop=0, optimize=True)
 
 
 def save_gif(steps: list[tuple[np.ndarray, int]], path: str, every: int, scale: int = 4) -> None:
@@ -122,14 +156,17 @@ def main(argv=None):
     p.add_argument("--api-key", default=os.environ.get("API_KEY"))
     p.add_argument("--pixels", action="store_true", help="the policy sees camera frames, not the state")
     p.add_argument("--form", choices=["b64", "png", "json"], default="b64", help="how frames are sent (--pixels)")
-    p.add_argument("--record", help="save the first episode as a GIF of what the camera saw (--pixels)")
+    p.add_argument("--record", help="save the first episode as a GIF: what the camera saw (--pixels), or "
+                   "what MuJoCo renders (a robot)")
     p.add_argument("--record-every", type=int, default=2, help="keep every n-th step in the GIF")
+    p.add_argument("--record-steps", type=int, default=300, help="a robot's GIF: the first n steps")
+    p.add_argument("--max-steps", type=int, help="end each episode after n steps (default: the env's time limit)")
     args = p.parse_args(argv)
-    if args.record and not args.pixels:
-        raise SystemExit("--record shows what the camera saw: use it with --pixels")
+    if args.record and not args.pixels and args.env in ("CartPole-v1", "LunarLander-v3"):
+        raise SystemExit("--record draws what the camera saw (--pixels) or a MuJoCo robot")
     model = args.model or policy_for(args.url, args.env, args.pixels)
     returns = play(args.env, args.url, args.episodes, args.seed, model, args.api_key, args.pixels, args.form,
-                   args.record, args.record_every)
+                   args.record, args.record_every, args.record_steps, args.max_steps)
     print(f"mean return {np.mean(returns):.2f} +/- {np.std(returns):.2f} over {len(returns)} episodes")
     return returns
 

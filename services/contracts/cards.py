@@ -73,11 +73,29 @@ class Space(_Part):
         return side(self.low, -np.inf), side(self.high, np.inf)
 
 
+class ObservationRange(_Part):
+    """Per dimension, the observations a policy was measured on (widened by a margin): outside it the
+    policy is extrapolating, and the service says so (services/policy.py)."""
+    low: list[float] = Field(min_length=1)
+    high: list[float] = Field(min_length=1)
+    source: str | None = None
+
+    @model_validator(mode="after")
+    def _ordered(self):
+        if len(self.low) != len(self.high) or any(lo > hi for lo, hi in zip(self.low, self.high)):
+            raise ValueError("low and high must be as long as each other, low <= high")
+        return self
+
+
 class PolicyContract(Contract):
     env_id: str | None = None
     observation_space: Space
     action_space: Space
-    action_meanings: list[str] | None = None
+    action_meanings: list[str] | None = None  # per discrete action, or per action dimension (a robot's joints)
+    # How a Box policy's sampled action is bounded: "clip" (mean + std * z, clipped to the bounds) or
+    # "tanh" (low + (tanh(action_mean + action_std * z) + 1) / 2 * (high - low): soft actor-critic's squashing).
+    action_squashing: Literal["clip", "tanh"] = "clip"
+    observation_range: ObservationRange | None = None
     camera: dict | None = None  # pixel policies: how frames become observations (services/contracts/pixels.py)
 
 

@@ -46,7 +46,7 @@ DETECTOR_MIN_SCORE, DETECTOR_IOU = 0.5, 0.5
 
 # Contract fields a client depends on, by kind; a new version must keep them.
 CONTRACT_FIELDS = {
-    "policy": ("observation_space", "action_space", "action_meanings"),
+    "policy": ("observation_space", "action_space", "action_meanings", "action_squashing"),
     "generator": ("latent_dim", "classes", "image_size", "channels", "output_range", "seed_to_latent", "to_uint8"),
     "classifier": ("labels",),
 }
