@@ -12,7 +12,7 @@ SERVE_ARGS ?=
 # when running as root.
 SYSTEM_PACKAGES := docker.io docker-compose debootstrap dataset-fashion-mnist chromium chromium-driver prometheus libosmesa6
 
-.PHONY: serve test system-packages train-policies play benchmark clean-venvs
+.PHONY: serve test system-packages train-policies train-robots play benchmark clean-venvs
 
 ## Serve every model in models/ (policy :3001, generator :3002, classifier :3003); Ctrl-C stops.
 serve: $(SERVE_VENV)/.installed
@@ -42,6 +42,11 @@ benchmark: $(DEV_VENV)/.installed
 train-policies: $(DEV_VENV)/.installed
 	$(DEV_VENV)/bin/python -m training policy --env CartPole-v1 --name cartpole --seed 0 --min-return 475
 	$(DEV_VENV)/bin/python -m training policy --env LunarLander-v3 --name lunarlander --seed 0 --min-return 200
+
+## Reproduce the shipped robots (soft actor-critic, one core each; the cards give the measured time).
+train-robots: $(DEV_VENV)/.installed
+	$(DEV_VENV)/bin/python -m training robot --env HalfCheetah-v5
+	$(DEV_VENV)/bin/python -m training robot --env Ant-v5
 
 ## Drive CartPole-v1 with the served policy over HTTP.
 play: $(DEV_VENV)/.installed

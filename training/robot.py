@@ -4,6 +4,7 @@
     python -m training robot --env Ant-v5
     python -m training robot --env HalfCheetah-v5 --resume             # from runs/robot/halfcheetah/
     python -m training robot --env HalfCheetah-v5 --resume --steps 1500000   # train on past the first target
+    python -m training robot --env Ant-v5 --screen                     # updates/s of each network size, batch
 
 One run, top to bottom:
   1. train: a progress bar with the running return and updates/s, an evaluation line (10
@@ -57,6 +58,8 @@ def parse_args(argv=None):
     p.add_argument("--version", type=int, help="default: one past the newest version present")
     p.add_argument("--no-export", action="store_true", help="train and evaluate only")
     p.add_argument("--parity-observations", type=int, default=5000)
+    p.add_argument("--screen", action="store_true", help="only measure updates/s for hidden 128/256 x batch 128/256 "
+                   "on this machine (one core), and exit")
     args = p.parse_args(argv)
     if args.burst % 2:
         p.error("--burst must be even (updates come in critic, critic+actor pairs)")
@@ -111,11 +114,13 @@ class Checkpoint:
         self.folder = folder
         self.path = folder / "checkpoint.npz"
 
-    def save(self, sac, state, replay, step: int, curve: list, episodes: list, rng: np.random.Generator):
+    def save(self, sac, state, replay, step: int, curve: list, episodes: list, rng: np.random.Generator,
+             timing: dict):
         self.folder.mkdir(parents=True, exist_ok=True)
         leaves = {f"state_{i:03d}": x for i, x in enumerate(sac.state_leaves(state))}
         buffer = {f"buffer_{k}": v for k, v in replay.arrays().items()}
-        meta = json.dumps({"step": step, "curve": curve, "episodes": episodes, "rng": rng.bit_generator.state})
+        meta = json.dumps({"step": step, "curve": curve, "episodes": episodes, "rng": rng.bit_generator.state,
+                           "timing": timing})
         tmp = self.path.with_suffix(".tmp.npz")
         np.savez(tmp, meta=np.array(meta), **leaves, **buffer)
         tmp.replace(self.path)
@@ -127,7 +132,11 @@ class Checkpoint:
             replay.restore({k[len("buffer_"):]: saved[k] for k in saved.files if k.startswith("buffer_")})
         rng = np.random.default_rng()
         rng.bit_generator.state = meta["rng"]
-        return sac.state_from_leaves(template, leaves), meta["step"], meta["curve"], meta["episodes"], rng
+        # timing: the wall seconds of the steps trained by runs that recorded them (all but the
+        # first checkpoints of the shipped robots, written before the timer existed).
+        timing = meta.get("timing", {"timed_steps": 0, "seconds": 0.0})
+        return (sac.state_from_leaves(template, leaves), meta["step"], meta["curve"], meta["episodes"], rng,
+                timing)
 
 
 def train(args):
@@ -145,13 +154,14 @@ def train(args):
     replay = sac.Replay(args.buffer, obs_dim, act_dim)
     checkpoint = Checkpoint(args.runs_dir / args.name)
     step, curve, episodes, rng = 0, [], [], np.random.default_rng(args.seed)
+    timing = {"timed_steps": 0, "seconds": 0.0}
     if args.resume:
         if not checkpoint.path.exists():
             raise SystemExit(f"--resume: no checkpoint at {checkpoint.path}")
-        state, step, curve, episodes, rng = checkpoint.load(sac, state, replay)
+        state, step, curve, episodes, rng, timing = checkpoint.load(sac, state, replay)
         print(f"resumed from {checkpoint.path} at step {step:,} ({replay.size:,} transitions)")
     if step >= args.steps:
-        return state, curve, episodes, 0.0
+        return state, curve, episodes, timing
 
     print(f"SAC on {args.env} ({obs_dim}-d observation, {act_dim}-d action) for {args.steps:,} steps, "
           f"seed {args.seed}, networks {h.hidden}x{h.hidden}, batch {h.batch}")
@@ -159,6 +169,11 @@ def train(args):
     episode_return, recent = 0.0, deque((e["return"] for e in episodes[-10:]), maxlen=10)
     act_key = jax.random.PRNGKey(args.seed + 1 + step)
     started, first_step, updates, update_seconds, stats = time.time(), step, 0, 0.0, None
+
+    def timing_now() -> dict:
+        return {"timed_steps": timing["timed_steps"] + step - first_step,
+                "seconds": round(timing["seconds"] + time.time() - started, 1)}
+
     bar = tqdm(total=args.steps, initial=step, desc=args.name, unit="step", mininterval=2, smoothing=0.05)
     while step < args.steps:
         for _ in range(args.burst):
@@ -183,7 +198,7 @@ def train(args):
                 tqdm.write(f"[eval] step {step:>9,}  return {returns.mean():9.1f} +/- {returns.std():7.1f} "
                            f"over {CURVE_EPISODES} episodes")
             if step % args.checkpoint_every == 0:
-                checkpoint.save(sac, state, replay, step, curve, episodes, rng)
+                checkpoint.save(sac, state, replay, step, curve, episodes, rng, timing_now())
         if step >= args.learning_starts:
             t = time.time()
             state, stats = sac.update_burst(state, replay.sample(rng, args.burst, h.batch), -float(act_dim), h)
@@ -194,19 +209,54 @@ def train(args):
             bar.set_postfix(ret=f"{np.mean(recent) if recent else 0:.0f}", alpha=f"{float(stats[1]):.3f}",
                             upd_s=f"{updates / max(update_seconds, 1e-9):.0f}", refresh=False)
     bar.close()
-    checkpoint.save(sac, state, replay, step, curve, episodes, rng)
+    checkpoint.save(sac, state, replay, step, curve, episodes, rng, timing_now())
     wall = time.time() - started
     print(f"trained to step {step:,} in {wall / 60:.1f} min ({(step - first_step) / max(wall, 1e-9):.0f} "
           f"steps/s this run; updates alone {updates / max(update_seconds, 1e-9):.0f}/s)")
-    return state, curve, episodes, wall
+    return state, curve, episodes, timing_now()
+
+
+def screen(env_id: str, burst: int, seconds: float = 5.0) -> list[dict]:
+    """What one update costs here, per candidate size: the learner's speed decides what fits a session."""
+    import jax
+
+    from training import robot_sac as sac
+
+    env = make_env(env_id)
+    obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
+    env.close()
+    rows = []
+    for hidden in (128, 256):
+        for batch in (128, 256):
+            h = sac.Hyper(hidden=hidden, batch=batch)
+            state = sac.init_state(jax.random.PRNGKey(0), obs_dim, act_dim, h)
+            replay = sac.Replay(10_000, obs_dim, act_dim)
+            rng = np.random.default_rng(0)
+            for _ in range(10_000):
+                replay.add(rng.standard_normal(obs_dim), rng.uniform(-1, 1, act_dim), 0.0,
+                           rng.standard_normal(obs_dim), 0.0)
+            state, _ = sac.update_burst(state, replay.sample(rng, burst, batch), -float(act_dim), h)  # compile
+            jax.block_until_ready(state["log_alpha"])
+            started, updates = time.time(), 0
+            while time.time() - started < seconds:
+                state, _ = sac.update_burst(state, replay.sample(rng, burst, batch), -float(act_dim), h)
+                updates += burst
+            jax.block_until_ready(state["log_alpha"])
+            rows.append({"hidden": hidden, "batch": batch, "updates_per_s": round(updates / (time.time() - started))})
+            hours = 1_000_000 / rows[-1]["updates_per_s"] / 3600
+            print(f"{env_id}: hidden {hidden}, batch {batch}: {rows[-1]['updates_per_s']:,} updates/s "
+                  f"(1M updates in {hours:.1f} h)", flush=True)
+    return rows
 
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.screen:
+        return screen(args.env, args.burst)
     command = "python -m training robot " + shlex.join(sys.argv[2:] if argv is None else argv)
     from training import robot_sac as sac
 
-    state, curve, episodes, wall = train(args)
+    state, curve, episodes, timing = train(args)
     seen: list[np.ndarray] = []
     eval_seed = 1_000_000 + args.seed
     returns = evaluate(lambda o: sac.deterministic(state["actor"], o), args.env, args.eval_episodes, eval_seed,
@@ -218,7 +268,7 @@ def main(argv=None):
         return None
     from training import robot_export
 
-    return robot_export.write_version(args, command, state, curve, episodes, wall, returns, eval_seed,
+    return robot_export.write_version(args, command, state, curve, episodes, timing, returns, eval_seed,
                                       np.asarray(seen, np.float32))
 
 

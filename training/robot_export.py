@@ -109,7 +109,7 @@ def check_parity(state, onnx_path: Path, observations: np.ndarray, low, high) ->
     return export.parity(report, ok)
 
 
-def write_version(args, command: str, state, curve: list, episodes: list, wall: float, returns: np.ndarray,
+def write_version(args, command: str, state, curve: list, episodes: list, timing: dict, returns: np.ndarray,
                   eval_seed: int, seen: np.ndarray) -> Path:
     import torch
 
@@ -157,7 +157,11 @@ def write_version(args, command: str, state, curve: list, episodes: list, wall: 
             "hyperparameters": {"hidden": args.hidden, "batch": args.batch, "learning_starts": args.learning_starts,
                                 "burst": args.burst, "buffer": args.buffer, "gamma": 0.99, "tau": 0.005,
                                 "lr": 3e-4, "actor_update_every": 2, "target_entropy": -float(act_shape[0])},
-            "duration_s": round(wall, 1),
+            # Wall time of the steps whose runs timed them (a run resumed from an untimed checkpoint
+            # times its own steps only): steps/s on this machine, environment and evaluations included.
+            "duration_s": timing["seconds"],
+            "timed_steps": timing["timed_steps"],
+            "steps_per_s": round(timing["timed_steps"] / timing["seconds"], 1) if timing["seconds"] else None,
             "training_episodes": len(episodes),
             "learning_curve": curve,
         },

@@ -8,9 +8,9 @@ Read top to bottom like CleanRL's sac_continuous_action.py; what differs is all 
     policy update): the critic is what needs the steps, and the actor's half costs a third;
   * plain-JAX networks and Adam (no flax/optax), so the checkpoint is a flat list of arrays.
 
-Measured on this project's 2-core AMD EPYC (one core, 256x256 networks; training/robot.py's
---screen prints the same table): SB3 SAC about 60 updates/s; this file at batch 256 with an
-actor update every step 133/s; at batch 128 with delayed actor updates about 320/s.
+Measured on this project's 2-core AMD EPYC (one core, 256x256 networks, HalfCheetah's sizes):
+SB3's SAC about 60 updates/s; this file's first form (an actor update every step) 133/s at batch
+256 and 256/s at batch 128. `python -m training robot --screen` measures the shipped form per size.
 """
 
 from __future__ import annotations
