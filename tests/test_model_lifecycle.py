@@ -286,7 +286,8 @@ def test_the_openapi_document_has_the_admin_api(lifecycle_server):
     for route in ("/models/{name}/versions/{version}/load", "/models/{name}/versions/{version}/unload",
                   "/models/{name}/serve"):
         operation = paths[route]["post"]
-        assert operation["parameters"][0]["schema"]["enum"] == ["cartpole", "cartpole_pixels", "lunarlander"]
+        assert operation["parameters"][0]["schema"]["enum"] == \
+            ["ant", "cartpole", "cartpole_pixels", "halfcheetah", "lunarlander"]
         assert {"200", "401", "403", "404", "409", "415", "504"} <= set(operation["responses"])
         assert ("422" in operation["responses"]) == route.endswith("/load")  # only a load is refused or gated
 
@@ -481,7 +482,7 @@ def test_the_probes_command_reproduces_the_shipped_probes(tmp_path):
                    cwd=root, check=True, capture_output=True, timeout=300)
     shipped = sorted(p.relative_to(root / "models") for p in (root / "models").glob("*/*/probes.npz"))
     made = sorted(p.relative_to(tmp_path / "models") for p in (tmp_path / "models").glob("*/*/probes.npz"))
-    assert shipped == made and len(shipped) == 7  # every model but the generator (seeds are its probes)
+    assert shipped == made and len(shipped) == 9  # every model but the generator (seeds are its probes)
     for path in shipped:
         with np.load(root / "models" / path) as a, np.load(tmp_path / "models" / path) as b:
             assert sorted(a.files) == sorted(b.files)

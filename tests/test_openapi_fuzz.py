@@ -41,7 +41,8 @@ def test_the_document_names_the_models_each_endpoint_takes(tmp_path):
 
     with running_service("policy", tmp_path) as server:
         schema = request_schema(requests.get(f"{server.url}/docs.json", timeout=30).json(), "/act")
-        assert "model" in schema["required"] and schema["properties"]["model"]["enum"] == ["cartpole", "cartpole_pixels", "lunarlander"]
+        assert "model" in schema["required"] and schema["properties"]["model"]["enum"] == \
+            ["ant", "cartpole", "cartpole_pixels", "halfcheetah", "lunarlander"]
         assert requests.post(f"{server.url}/act", json={"observations": [[0, 0, 0, 0]]}, timeout=30).status_code == 400
     with running_service("classifier", tmp_path, env={"TEACH_STORE": f"sqlite:///{tmp_path / 't.db'}"}) as server:
         document = requests.get(f"{server.url}/docs.json", timeout=30).json()
