@@ -150,10 +150,7 @@ def outside_training_range(model: LoadedModel, batch: np.ndarray) -> np.ndarray 
     """Per observation, whether any dimension lies outside the range the card measured the policy on
     (None when the card records no range): the action is then an extrapolation, and the client is told."""
     known = model.spec.contract.observation_range
-    if known is None:
-        return None
-    flat = batch.reshape(len(batch), -1)
-    return ((flat < np.asarray(known.low, np.float32)) | (flat > np.asarray(known.high, np.float32))).any(axis=1)
+    return None if known is None else known.outside(batch)
 
 
 def _measured(card: dict) -> dict:

@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal, Union
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 KINDS = ("policy", "generator", "classifier", "face_detector", "face_landmarks", "face_descriptor",
          "face_animal_check")
@@ -80,11 +80,20 @@ class ObservationRange(_Part):
     high: list[float] = Field(min_length=1)
     source: str | None = None
 
+    _arrays: tuple = PrivateAttr(default=None)
+
     @model_validator(mode="after")
     def _ordered(self):
         if len(self.low) != len(self.high) or any(lo > hi for lo, hi in zip(self.low, self.high)):
             raise ValueError("low and high must be as long as each other, low <= high")
+        self._arrays = (np.asarray(self.low, np.float32), np.asarray(self.high, np.float32))  # once, not per request
         return self
+
+    def outside(self, batch: np.ndarray) -> np.ndarray:
+        """Per row of batch [N, ...], whether any dimension lies outside the range."""
+        low, high = self._arrays
+        flat = batch.reshape(len(batch), -1)
+        return ((flat < low) | (flat > high)).any(axis=1)
 
 
 class PolicyContract(Contract):
