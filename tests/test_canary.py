@@ -275,10 +275,10 @@ def test_a_classifier_canary_answers_classify_and_leaves_teaching_to_the_serving
     """/classify goes through the canary; the teach endpoints (taught state belongs to a version)
     and the face networks do not."""
     from classifier_helpers import fashion_png
-    from test_model_lifecycle import ADMIN_KEY, renamed_copy
+    from test_model_lifecycle import ADMIN_KEY, float_classifier_copy, renamed_copy
 
     models = tmp_path / "models"
-    shutil.copytree(POLICIES.parent / "classifier", models / "classifier")
+    float_classifier_copy(models)
     renamed_copy(models, "classifier", "fashion", "2")
     renamed_copy(models, "classifier", "faces", "2")
     env = {"MODELS_DIR": str(models), "MODEL_CONTROL_DIR": str(tmp_path / "control"), "ADMIN_KEY": ADMIN_KEY,

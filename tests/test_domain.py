@@ -19,7 +19,7 @@ from conftest import MODELS, ROOT, running_service
 from services.contracts.domain import DomainCheck
 from services.contracts import repository
 
-VERSION_DIR = MODELS / "classifier" / "fashion" / "1"
+VERSION_DIR = repository.version_dirs(MODELS / "classifier" / "fashion")[-1]  # the default: what serves
 CARD = json.loads((VERSION_DIR / "model.json").read_text())
 
 

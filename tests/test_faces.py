@@ -353,5 +353,7 @@ def test_the_animal_check_command_reproduces_the_shipped_card(tmp_path):
     for key in ("detector_alone", "with_animal_check", "photos_where_the_detector_counts_differently"):
         assert ours["metrics"]["faces"][key] == shipped["metrics"]["faces"][key], key
     assert ours["contract"] == shipped["contract"]
+    # measured on the served detector's boxes: int8 since face_detector version 2, which moves a
+    # box by a few pixels (training/quantize.py) and the share of the square around it with it
     assert abs(ours["metrics"]["faces"]["animal_share_on_false_faces_min"] -
-               shipped["metrics"]["faces"]["animal_share_on_false_faces_min"]) < 0.01
+               shipped["metrics"]["faces"]["animal_share_on_false_faces_min"]) < 0.03

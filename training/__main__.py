@@ -12,6 +12,7 @@
   faces       port face-api's face networks to ONNX, check them against face-api and dlib (training/faces/)
   animal-check  export the face pipeline's "is it an animal?" check (training/faces/animals.py)
   probes      record the inputs a new model version is gated on (training/probes.py)
+  quantize    int8 versions of the image networks, measured against float (training/quantize.py)
 """
 
 import importlib
@@ -19,7 +20,7 @@ import sys
 
 COMMANDS = {"policy": "training.policy", "robot": "training.robot", "pixel-policy": "training.pixel_policy", "play": "training.play", "gan": "training.gan", "cgan": "training.cgan",
             "classifier": "training.classifier", "domain": "training.domain", "evidence": "training.evidence",
-            "faces": "training.faces.export", "animal-check": "training.faces.animals", "probes": "training.probes"}
+            "faces": "training.faces.export", "animal-check": "training.faces.animals", "probes": "training.probes", "quantize": "training.quantize"}
 
 
 def main() -> None:

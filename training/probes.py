@@ -15,6 +15,8 @@ versions, at models/<service>/<name>/probes.npz:
   face_descriptor the aligned face chips of tests/fixtures/faces/descriptor_reference.npz;
   face_landmarks  the 112x112 landmark inputs of tests/fixtures/faces/landmarks_reference.npz;
   face_detector   the fixture photos as the detector sees them (512x512, stored as uint8);
+  face_animal_check  the squares around the faces the shipped detector finds in the fixture
+                  photos and in scikit-image's cat (224x224, stored as uint8 pixels);
   generator       none: its probes are the latents of seeds 0-63, fixed by the contract.
 """
 
@@ -97,6 +99,29 @@ def detector_probes(entry: repository.ModelEntry) -> dict:
             "source": f"the photos {', '.join(DETECTOR_PHOTOS)} of tests/fixtures/faces as the detector sees them"}
 
 
+def animal_check_probes(entry: repository.ModelEntry) -> dict:
+    """Stored as the pixels (uint8 [N, 224, 224, 3]): the gate normalises them by the card."""
+    import skimage.data
+
+    from services.contracts import face_geometry, imaging
+    from services.contracts.predictor import Predictor
+
+    service_repository = entry.path.parent.parent.parent
+    detector = Predictor(repository.resolve(service_repository, "face_detector", "1").path)  # the float original
+    photos = {p.name: imaging.rgb_array(imaging.decode(p.read_bytes())) for p in sorted(FACE_FIXTURES.glob("*.jpg"))}
+    photos["scikit-image chelsea (a cat)"] = skimage.data.chelsea()
+    squares, names = [], []
+    for name, rgb in photos.items():
+        x, size = face_geometry.detector_input(rgb)
+        boxes, scores = detector(x)[:2]
+        found = face_geometry.faces_found(boxes[0], scores[0], size)
+        squares += [face_geometry.animal_pixels(rgb, f[:4]) for f in found]
+        names += [name] * len(found)
+    return {"pixels": np.stack(squares), "names": np.array(names),
+            "source": f"the squares around the {len(squares)} faces face_detector version 1 finds in "
+                      "tests/fixtures/faces and scikit-image's cat"}
+
+
 def record(entry: repository.ModelEntry, args) -> Path | None:
     kind = entry.card.get("kind")
     if kind == "policy":
@@ -109,13 +134,15 @@ def record(entry: repository.ModelEntry, args) -> Path | None:
         probes = landmark_probes(entry)
     elif kind == "face_detector":
         probes = detector_probes(entry)
+    elif kind == "face_animal_check":
+        probes = animal_check_probes(entry)
     else:
         return None  # generators: seeds are their probes
     service_repository = entry.path.parent.parent.parent  # models/<service>/<name>/<version>/model.onnx
     path = repository.probes_file(service_repository, entry.name)
     np.savez_compressed(path, **{k: np.asarray(v) for k, v in probes.items()})
     print(json.dumps({"model": f"{service_repository.name}/{entry.name}", "file": str(path),
-                      "probes": len(probes.get("inputs", probes.get("images"))), "bytes": path.stat().st_size,
+                      "probes": len(next(probes[k] for k in ("inputs", "images", "pixels") if k in probes)), "bytes": path.stat().st_size,
                       "source": probes["source"]}))
     return path
 

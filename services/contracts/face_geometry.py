@@ -312,10 +312,22 @@ def animal_input(rgb: np.ndarray, boxes) -> np.ndarray:
     from PIL import Image
 
     photo = Image.fromarray(np.ascontiguousarray(rgb))
-    out = []
-    for x0, y0, x1, y1 in boxes:
-        cx, cy, half = (x0 + x1) / 2, (y0 + y1) / 2, max(x1 - x0, y1 - y0, 1.0) * ANIMAL_GROW / 2
-        square = photo.crop(tuple(int(round(v)) for v in (cx - half, cy - half, cx + half, cy + half)))
-        out.append(np.asarray(square.resize((ANIMAL_SIZE, ANIMAL_SIZE), Image.Resampling.BILINEAR), np.float32))
-    x = (np.stack(out) / 255 - ANIMAL_MEAN) / ANIMAL_STD
+    return animal_normalise(np.stack([animal_pixels(photo, box) for box in boxes]))
+
+
+def animal_pixels(photo, box) -> np.ndarray:
+    """uint8 [224, 224, 3]: the square animal_input() sees around one box (photo: PIL or array)."""
+    from PIL import Image
+
+    if not isinstance(photo, Image.Image):
+        photo = Image.fromarray(np.ascontiguousarray(photo))
+    x0, y0, x1, y1 = box
+    cx, cy, half = (x0 + x1) / 2, (y0 + y1) / 2, max(x1 - x0, y1 - y0, 1.0) * ANIMAL_GROW / 2
+    square = photo.crop(tuple(int(round(v)) for v in (cx - half, cy - half, cx + half, cy + half)))
+    return np.asarray(square.resize((ANIMAL_SIZE, ANIMAL_SIZE), Image.Resampling.BILINEAR), np.uint8)
+
+
+def animal_normalise(pixels: np.ndarray) -> np.ndarray:
+    """uint8 [N, 224, 224, 3] -> the animal check's float32 [N, 3, 224, 224]."""
+    x = (pixels.astype(np.float32) / 255 - ANIMAL_MEAN) / ANIMAL_STD
     return x.transpose(0, 3, 1, 2).astype(np.float32)

@@ -14,7 +14,8 @@ Checks, in order (the first failure stops the rest only where they could not run
   4. agreement with the serving version on the stored probe inputs, at least min_agreement:
      policies take the same deterministic action, classifiers the same top label, face
      descriptors make the same same/different decisions on every pair, the detector finds the
-     same faces, landmarks land within 2% of the crop (generators, whose point is to differ,
+     same faces, landmarks land within 2% of the crop, the animal check makes the same
+     animal-or-not decisions (generators, whose point is to differ,
      have no agreement check);
   5. quality: the figure the card measured (a policy's mean return, a classifier's test
      accuracy, a generator's FID) not worse than the serving version's by more than
@@ -163,6 +164,10 @@ def probe_inputs(model, repository: Path) -> np.ndarray | None:
         args = imaging.contract_args(preprocessing)
         pixels = np.stack([imaging.prepare(Image.fromarray(image.squeeze()), **args) for image in probes["images"]])
         return imaging.normalise(pixels, preprocessing["mean"], preprocessing["std"])
+    if "pixels" in probes:  # the animal check's squares, kept as pictures
+        from services.contracts.face_geometry import animal_normalise
+
+        return animal_normalise(probes["pixels"])
     return probes["inputs"]
 
 
@@ -254,5 +259,12 @@ def landmark_agreement(old, new, candidate, serving):
         f"mean landmark shift within {LANDMARK_TOLERANCE:.0%} of the crop"
 
 
+def animal_agreement(old, new, candidate, serving):
+    said = lambda shares, card: shares >= float(card["contract"]["threshold"])  # noqa: E731
+    return float(np.mean(said(old[0], serving.card) == said(new[0], candidate.card))), \
+        "same animal-or-not decision on every probe face"
+
+
 AGREEMENT = {"policy": policy_agreement, "classifier": classifier_agreement, "face_descriptor": descriptor_agreement,
-             "face_detector": detector_agreement, "face_landmarks": landmark_agreement}
+             "face_detector": detector_agreement, "face_landmarks": landmark_agreement,
+             "face_animal_check": animal_agreement}

@@ -39,8 +39,8 @@ class Pipeline:
     """The served face pipeline (services/contracts/face_pipeline.py) over the exported files,
     synchronously on onnxruntime's CPU provider, at the service's default settings."""
 
-    def __init__(self, models_dir: Path, descriptor_path: Path | None = None):
-        self.detector = Predictor(resolve(models_dir, "face_detector").path)
+    def __init__(self, models_dir: Path, descriptor_path: Path | None = None, detector_path: Path | None = None):
+        self.detector = Predictor(detector_path or resolve(models_dir, "face_detector").path)
         self.landmarks = Predictor(resolve(models_dir, "face_landmarks").path)
         self.descriptor = Predictor(descriptor_path or resolve(models_dir, "faces").path)
         networks = {"face_detector": SyncNetwork(self.detector), "face_landmarks": SyncNetwork(self.landmarks)}
@@ -78,8 +78,8 @@ def variants(rgb: np.ndarray) -> dict[str, np.ndarray]:
             "half_size": np.asarray(image.resize((w // 2, h // 2), Image.Resampling.LANCZOS))}
 
 
-def evaluate(models_dir: Path, descriptor_path: Path | None = None) -> dict:
-    pipeline = Pipeline(Path(models_dir), descriptor_path)
+def evaluate(models_dir: Path, descriptor_path: Path | None = None, detector_path: Path | None = None) -> dict:
+    pipeline = Pipeline(Path(models_dir), descriptor_path, detector_path)
     raw = {name: pipeline.biggest(load_photo(FIXTURES / f"{name}.jpg")) for name in PEOPLE}
     others = {}  # every face of the group photos: people who are neither of the two, unnamed
     for group in ("group_1", "group_2"):
