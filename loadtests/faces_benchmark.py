@@ -8,10 +8,13 @@ For each photo (tests/fixtures/faces: one face, and a group of three) scaled to 
   describe   faces (the descriptor) on every chip (ms)
   pipeline   all of it, in-process with onnxruntime (training/faces/evaluate.Pipeline), per photo
   served     POST /check of that photo to a real `bentoml serve` of the classifier, one request at
-             a time (decode, pipeline, store search, HTTP): what a client waits for
+             a time (decode, pipeline with the animal check, store search, HTTP): what a client waits for
 
-Medians of --repeats runs after one warm-up. onnxruntime's threads: --threads (the service's
-INFER_THREADS is set to the same).
+The steps and `pipeline` use the networks a deployment serves by default (the newest versions:
+int8 since issue 29); `pipeline float` and `served float` pin the float versions (1) of the
+detector, the animal check and the descriptor, and the two servers are asked in turn, request by
+request, so both see the same machine. Medians of --repeats runs after one warm-up.
+onnxruntime's threads: --threads (the service's INFER_THREADS is set to the same).
 
     python -m loadtests.faces_benchmark --out benchmarks/faces.md
 """
@@ -79,16 +82,44 @@ def steps(pipeline: Pipeline, rgb: np.ndarray, repeats: int) -> dict[str, float]
             "pipeline": median_ms(lambda: [pipeline.describe(rgb, p) for p in pipeline.faces(rgb)], repeats)}
 
 
-def served_ms(url: str, rgb: np.ndarray, repeats: int) -> float:
+FLOAT_PINS = "face_detector=1,face_animal_check=1,faces=1"
+
+
+def served_ms(urls: list[str], rgb: np.ndarray, repeats: int) -> list[float]:
+    """Median ms of one /check per server, the servers asked in turn."""
     buffer = io.BytesIO()
     Image.fromarray(rgb).save(buffer, "JPEG", quality=92)
     files = [("images", ("photo.jpg", buffer.getvalue(), "image/jpeg"))]
+    times: list[list[float]] = [[] for _ in urls]
+    for attempt in range(repeats + 1):  # the first round warms up
+        for url, kept in zip(urls, times):
+            started = time.perf_counter()
+            r = requests.post(f"{url}/check", files=files, timeout=120)
+            assert r.status_code == 200, r.text
+            if attempt:
+                kept.append(time.perf_counter() - started)
+    return [1000 * float(np.median(t)) for t in times]
 
-    def check():
-        r = requests.post(f"{url}/check", files=files, timeout=120)
-        assert r.status_code == 200, r.text
 
-    return median_ms(check, repeats)
+def start_server(folder: Path, threads: int, pins: str):
+    spec = next(s for s in processes.SERVICES if s.name == "classifier")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    folder.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "MODELS_DIR": str(ROOT / "models"), "INFER_THREADS": str(threads), "MODEL_VERSIONS": pins,
+           "MODEL_CONTROL_DIR": str(folder / "control"), "TEACH_STORE": f"sqlite:///{folder}/taught.db",
+           **processes.own_home("classifier", port, os.environ)}
+    log = open(folder / "server.log", "w")
+    process = subprocess.Popen(processes.serve_command(spec, "127.0.0.1", port), cwd=ROOT, env=env, stdout=log,
+                               stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    if not processes.wait_ready(url, process, 180):
+        processes.stop(process)
+        raise SystemExit(f"the classifier did not become ready; see {log.name}")
+    requests.post(f"{url}/teach", files=[("images", ("o.jpg", (FIXTURES / "obama.jpg").read_bytes()))],
+                  data={"name": "obama"}, timeout=60)
+    return url, process
 
 
 def main(argv=None) -> int:
@@ -100,42 +131,39 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     command = "python -m loadtests.faces_benchmark " + shlex.join(sys.argv[1:] if argv is None else argv)
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
-    pipeline = Pipeline(ROOT / "models" / "classifier")
-    for session in (pipeline.detector, pipeline.landmarks, pipeline.descriptor):
-        session.get_session_options().intra_op_num_threads = args.threads
+    from services.contracts.repository import resolve
 
-    spec = next(s for s in processes.SERVICES if s.name == "classifier")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    folder = tempfile.mkdtemp(prefix="faces-bench-")
-    env = {**os.environ, "MODELS_DIR": str(ROOT / "models"), "INFER_THREADS": str(args.threads),
-           "TEACH_STORE": f"sqlite:///{folder}/taught.db", **processes.own_home("classifier", port, os.environ)}
-    log = open(Path(folder) / "server.log", "w")
-    process = subprocess.Popen(processes.serve_command(spec, "127.0.0.1", port), cwd=ROOT, env=env, stdout=log,
-                               stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    rows = []
+    repository = ROOT / "models" / "classifier"
+    pipeline = Pipeline(repository, threads=args.threads)
+    float_pipeline = Pipeline(repository, descriptor_path=resolve(repository, "faces", "1").path,
+                              detector_path=resolve(repository, "face_detector", "1").path, threads=args.threads)
+
+    folder = Path(tempfile.mkdtemp(prefix="faces-bench-"))
+    rows, servers = [], []
     try:
-        if not processes.wait_ready(url, process, 180):
-            raise SystemExit(f"the classifier did not become ready; see {log.name}")
-        requests.post(f"{url}/teach", files=[("images", ("o.jpg", (FIXTURES / "obama.jpg").read_bytes()))],
-                      data={"name": "obama"}, timeout=60)
+        servers = [start_server(folder / "default", args.threads, ""),
+                   start_server(folder / "float", args.threads, FLOAT_PINS)]
         for label, name in PHOTOS.items():
             for side in args.sides:
                 rgb = scaled(name, side)
-                row = steps(pipeline, rgb, args.repeats) | {"served": served_ms(url, rgb, args.repeats)}
+                row = steps(pipeline, rgb, args.repeats)
+                row["pipeline_float"] = median_ms(lambda: [float_pipeline.describe(rgb, p)
+                                                           for p in float_pipeline.faces(rgb)], args.repeats)
+                row["served"], row["served_float"] = served_ms([u for u, _ in servers], rgb, args.repeats)
                 rows.append((label, f"{rgb.shape[1]}x{rgb.shape[0]}", row))
                 print(f"  {label:<12} {rgb.shape[1]:>5}x{rgb.shape[0]:<5} faces {row['faces']}  detect "
                       f"{row['detect']:6.1f}  landmarks {row['landmarks']:5.1f}  align {row['align']:5.1f}  describe "
-                      f"{row['describe']:6.1f}  pipeline {row['pipeline']:6.1f}  served {row['served']:6.1f} ms",
-                      flush=True)
+                      f"{row['describe']:6.1f}  pipeline {row['pipeline']:6.1f} (float {row['pipeline_float']:6.1f})  "
+                      f"served {row['served']:6.1f} (float {row['served_float']:6.1f}) ms", flush=True)
     finally:
-        processes.stop(process)
-    table = ["| photo | size | faces | detect ms | landmarks ms | align ms | describe ms | pipeline ms | served /check ms |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for _, process in servers:
+            processes.stop(process)
+    table = ["| photo | size | faces | detect ms | landmarks ms | align ms | describe ms | pipeline ms | pipeline float ms "
+             "| served /check ms | served float ms | float / int8 |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     table += [f"| {label} | {size} | {r['faces']} | {r['detect']:.1f} | {r['landmarks']:.1f} | {r['align']:.1f} | "
-              f"{r['describe']:.1f} | {r['pipeline']:.1f} | {r['served']:.1f} |" for label, size, r in rows]
+              f"{r['describe']:.1f} | {r['pipeline']:.1f} | {r['pipeline_float']:.1f} | **{r['served']:.1f}** | "
+              f"{r['served_float']:.1f} | {r['served_float'] / r['served']:.2f} |" for label, size, r in rows]
     text = "\n".join(table)
     print(text)
     if args.out:
@@ -143,8 +171,11 @@ def main(argv=None) -> int:
             "# Face pipeline speed on the CPU", "", f"`{command}`", "", f"Machine: {machine()}.", "",
             f"Medians of {args.repeats} runs after a warm-up; onnxruntime with {args.threads} intra-op threads "
             "(the service: INFER_THREADS the same). `pipeline` is detect + landmarks + align + describe in-process; "
-            "`served` is one POST /check of the photo as JPEG to a real `bentoml serve` (decode, pipeline, search "
-            "of the taught faces, HTTP), one request at a time.", "", text, ""]))
+            "`served` is one POST /check of the photo as JPEG to a real `bentoml serve` (decode, pipeline, animal "
+            "check, search of the taught faces, HTTP), one request at a time. The steps, `pipeline` and `served` "
+            "run the versions served by default (int8: face_detector, face_animal_check and faces version 2); "
+            f"the float columns pin version 1 of each (MODEL_VERSIONS={FLOAT_PINS}), the two servers asked in "
+            "turn.", "", text, ""]))
     return 0
 
 

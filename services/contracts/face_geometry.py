@@ -180,17 +180,32 @@ def resize_bilinear(img: np.ndarray, size: int, pad=((0, 0), (0, 0))) -> np.ndar
         hi = np.minimum(np.ceil(src).astype(int), n_in - 1)
         return lo - before, hi - before, src - lo
 
-    def sample(rows, cols):  # img[rows][:, cols] as float64, zero where a tap falls in the padding
-        inside = ((rows >= 0) & (rows < img.shape[0]))[:, None] & ((cols >= 0) & (cols < img.shape[1]))[None, :]
-        values = img[np.clip(rows, 0, img.shape[0] - 1)][:, np.clip(cols, 0, img.shape[1] - 1)].astype(np.float64)
-        return values * inside[:, :, None]
+    def corners(rows, c0, c1):  # img[rows][:, c0] and [:, c1] as float64, zero where a tap is in the padding
+        picked = img[np.clip(rows, 0, img.shape[0] - 1)]  # the rows once, as uint8, for both column taps
+        out = []
+        for cols in (c0, c1):
+            values = picked[:, np.clip(cols, 0, img.shape[1] - 1)].astype(np.float64)
+            values[(rows < 0) | (rows >= img.shape[0])] = 0
+            values[:, (cols < 0) | (cols >= img.shape[1])] = 0
+            out.append(values)
+        return out
 
     r0, r1, fr = taps(img.shape[0], top, bottom)
     c0, c1, fc = taps(img.shape[1], left, right)
     fc = fc[None, :, None]
-    top_row = sample(r0, c0) + (sample(r0, c1) - sample(r0, c0)) * fc
-    bottom_row = sample(r1, c0) + (sample(r1, c1) - sample(r1, c0)) * fc
-    return (top_row + (bottom_row - top_row) * fr[:, None, None]).astype(np.float32)
+    (a, b), (c, d) = corners(r0, c0, c1), corners(r1, c0, c1)
+    # tfjs's order of operations, in place (no temporaries): top = a + (b - a) * fc, bottom the same
+    # with c and d, out = top + (bottom - top) * fr
+    b -= a
+    b *= fc
+    b += a
+    d -= c
+    d *= fc
+    d += c
+    d -= b
+    d *= fr[:, None, None]
+    d += b
+    return d.astype(np.float32)
 
 
 def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -39,10 +39,11 @@ class Pipeline:
     """The served face pipeline (services/contracts/face_pipeline.py) over the exported files,
     synchronously on onnxruntime's CPU provider, at the service's default settings."""
 
-    def __init__(self, models_dir: Path, descriptor_path: Path | None = None, detector_path: Path | None = None):
-        self.detector = Predictor(detector_path or resolve(models_dir, "face_detector").path)
-        self.landmarks = Predictor(resolve(models_dir, "face_landmarks").path)
-        self.descriptor = Predictor(descriptor_path or resolve(models_dir, "faces").path)
+    def __init__(self, models_dir: Path, descriptor_path: Path | None = None, detector_path: Path | None = None,
+                 threads: int = 0):
+        self.detector = Predictor(detector_path or resolve(models_dir, "face_detector").path, threads=threads)
+        self.landmarks = Predictor(resolve(models_dir, "face_landmarks").path, threads=threads)
+        self.descriptor = Predictor(descriptor_path or resolve(models_dir, "faces").path, threads=threads)
         networks = {"face_detector": SyncNetwork(self.detector), "face_landmarks": SyncNetwork(self.landmarks)}
         self.pipeline = FacePipeline(networks.__getitem__, max_faces=None)
 
