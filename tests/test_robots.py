@@ -20,6 +20,7 @@ import requests
 
 from conftest import POLICIES, ROOT, error_of, running_service
 from services.contracts.predictor import Predictor
+from services.contracts.repository import version_dirs
 
 pytestmark = pytest.mark.slow
 ENV = "HalfCheetah-v5"
@@ -211,7 +212,7 @@ def test_the_gate_refuses_a_robot_whose_card_measured_a_worse_return(server, tin
 def test_shipped_robots_meet_their_card_contract(policy_server):
     info = requests.get(f"{policy_server.url}/info", timeout=30).json()["policies"]
     for name, env_id, act_dim in (("halfcheetah", "HalfCheetah-v5", 6), ("ant", "Ant-v5", 8)):
-        card = json.loads((POLICIES / name / "1" / "model.json").read_text())
+        card = json.loads((version_dirs(POLICIES / name)[-1] / "model.json").read_text())  # what serves
         assert info[name]["env_id"] == env_id and info[name]["measured"]["episodes"] == 100
         assert len(card["contract"]["action_meanings"]) == act_dim and card["metrics"]["episodes"] == 100
         assert (POLICIES / name / "probes.npz").exists()
