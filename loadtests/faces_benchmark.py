@@ -39,6 +39,7 @@ from PIL import Image
 from services.contracts.versions import machine
 from services.contracts import processes
 from services.contracts import face_geometry
+from services.contracts.repository import resolve
 from training.faces.evaluate import Pipeline
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -131,8 +132,6 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     command = "python -m loadtests.faces_benchmark " + shlex.join(sys.argv[1:] if argv is None else argv)
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
-    from services.contracts.repository import resolve
-
     repository = ROOT / "models" / "classifier"
     pipeline = Pipeline(repository, threads=args.threads)
     float_pipeline = Pipeline(repository, descriptor_path=resolve(repository, "faces", "1").path,

@@ -103,18 +103,16 @@ def animal_check_probes(entry: repository.ModelEntry) -> dict:
     """Stored as the pixels (uint8 [N, 224, 224, 3]): the gate normalises them by the card."""
     import skimage.data
 
-    from services.contracts import face_geometry, imaging
-    from services.contracts.predictor import Predictor
+    from services.contracts import face_geometry
+    from training.faces.evaluate import detect, fixture_photos
 
     service_repository = entry.path.parent.parent.parent
     detector = Predictor(repository.resolve(service_repository, "face_detector", "1").path)  # the float original
-    photos = {p.name: imaging.rgb_array(imaging.decode(p.read_bytes())) for p in sorted(FACE_FIXTURES.glob("*.jpg"))}
+    photos = {f"{name}.jpg": rgb for name, rgb in fixture_photos().items()}
     photos["scikit-image chelsea (a cat)"] = skimage.data.chelsea()
     squares, names = [], []
     for name, rgb in photos.items():
-        x, size = face_geometry.detector_input(rgb)
-        boxes, scores = detector(x)[:2]
-        found = face_geometry.faces_found(boxes[0], scores[0], size)
+        found = detect(detector, rgb)
         squares += [face_geometry.animal_pixels(rgb, f[:4]) for f in found]
         names += [name] * len(found)
     return {"pixels": np.stack(squares), "names": np.array(names),
@@ -142,8 +140,8 @@ def record(entry: repository.ModelEntry, args) -> Path | None:
     path = repository.probes_file(service_repository, entry.name)
     np.savez_compressed(path, **{k: np.asarray(v) for k, v in probes.items()})
     print(json.dumps({"model": f"{service_repository.name}/{entry.name}", "file": str(path),
-                      "probes": len(next(probes[k] for k in ("inputs", "images", "pixels") if k in probes)), "bytes": path.stat().st_size,
-                      "source": probes["source"]}))
+                      "probes": len(next(probes[k] for k in ("inputs", "images", "pixels") if k in probes)),
+                      "bytes": path.stat().st_size, "source": probes["source"]}))
     return path
 
 

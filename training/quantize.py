@@ -35,6 +35,7 @@ every other photo (animals.photos(): 10 of people, 211 without a person) and on 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import shlex
 import shutil
@@ -52,9 +53,9 @@ from services.contracts import face_geometry, imaging
 from services.contracts.predictor import Predictor
 from services.contracts.repository import resolve, version_dirs
 from training.export import new_version_dir, write_card
+from training.faces.evaluate import FIXTURES, detect, fixture_photos
 
 REPOSITORY = Path(__file__).resolve().parents[1] / "models" / "classifier"
-FIXTURES = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "faces"
 MAX_ACCURACY_DROP = 0.003   # classifier test accuracy, float minus int8 (0.3 points)
 MIN_BOX_IOU = 0.8           # each float face matched by an int8 one at least this close
 MAX_DESCRIPTOR_DISTANCE = 0.1   # unit-length descriptors, int8 to float (same-person pairs: 0.17-0.30)
@@ -113,10 +114,6 @@ def fashion_exclusions(model) -> list[str]:
 
 # --- the face networks ---------------------------------------------------------------------
 
-def fixture_photos() -> dict[str, np.ndarray]:
-    return {p.stem: imaging.rgb_array(imaging.decode(p.read_bytes())) for p in sorted(FIXTURES.glob("*.jpg"))}
-
-
 def variants(photos: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Each photo whole, mirrored and cropped: more faces at more sizes and places."""
     out = {}
@@ -129,12 +126,6 @@ def variants(photos: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 def detector_calibration(card: dict) -> list[np.ndarray]:
     return [face_geometry.detector_input(rgb)[0] for rgb in variants(fixture_photos()).values()]
-
-
-def detections(predict: Predictor, rgb: np.ndarray) -> list[tuple]:
-    x, size = face_geometry.detector_input(rgb)
-    boxes, scores = predict(x)[:2]
-    return face_geometry.faces_found(boxes[0], scores[0], size)
 
 
 def evaluation_photos() -> dict[str, np.ndarray]:
@@ -165,7 +156,7 @@ def detector_measure(float_path: Path, int8_path: Path, card: dict) -> tuple[dic
     ious, score_diffs, differ = [], [], {}
     photos = evaluation_photos()
     for name, rgb in photos.items():
-        a, b = detections(f, rgb), detections(q, rgb)
+        a, b = detect(f, rgb), detect(q, rgb)
         if len(a) != len(b):
             differ[name] = [len(a), len(b)]
         for face in a:
@@ -198,7 +189,7 @@ def face_squares(photos: dict[str, np.ndarray]) -> tuple[np.ndarray, list[str]]:
     detector = Predictor(resolve(REPOSITORY, "face_detector", _float_version("face_detector")).path)
     squares, names = [], []
     for name, rgb in photos.items():
-        found = detections(detector, rgb)
+        found = detect(detector, rgb)
         if found:
             squares.append(face_geometry.animal_input(rgb, [f[:4] for f in found]))
             names += [name] * len(found)
@@ -371,7 +362,7 @@ def write_version(entry, int8_path: Path, models_dir: Path, done: dict, figures:
     for spec in entry.card.get("contract", {}).values():  # files the contract names (and checks by sha256)
         if isinstance(spec, dict) and "file" in spec:
             shutil.copyfile(entry.path.parent / spec["file"], out / spec["file"])
-    card = json.loads(json.dumps(entry.card))
+    card = copy.deepcopy(entry.card)
     card["version"] = out.name
     card["description"] = f"{card['description']} - int8 (quantized from version {entry.version})"
     card["quantization"] = {"from_version": entry.version, "from_sha256": entry.card["sha256"], **done,

@@ -35,6 +35,18 @@ def load_photo(path: Path | str) -> np.ndarray:
     return imaging.rgb_array(imaging.decode(Path(path).read_bytes()))
 
 
+def fixture_photos() -> dict[str, np.ndarray]:
+    """Every labelled photo of tests/fixtures/faces by name (obama, biden, group_1, ...), RGB uint8."""
+    return {p.stem: load_photo(p) for p in sorted(FIXTURES.glob("*.jpg"))}
+
+
+def detect(detector: Predictor, rgb: np.ndarray) -> list[tuple]:
+    """The pipeline's detection step with one detector file: (x0, y0, x1, y1, score), biggest first."""
+    x, size = face_geometry.detector_input(rgb)
+    boxes, scores = detector(x)[:2]
+    return face_geometry.faces_found(boxes[0], scores[0], size)
+
+
 class Pipeline:
     """The served face pipeline (services/contracts/face_pipeline.py) over the exported files,
     synchronously on onnxruntime's CPU provider, at the service's default settings."""
