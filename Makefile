@@ -4,15 +4,17 @@
 PYTHON ?= python3
 SERVE_VENV := .venv-serve
 DEV_VENV := .venv
+PEERS_VENV := .venv-peers
 SERVE_ARGS ?=
 
 # Debian packages the tests use: Docker + compose + debootstrap for the container test,
 # Fashion-MNIST for the generator and classifier, Chromium and its driver for the console
-# tests, OSMesa for rendering the MuJoCo robots offscreen (`play --record`, its test). Installed
+# tests, OSMesa for rendering the MuJoCo robots offscreen (`play --record`, its test), wrk for the
+# peer benchmark's test. Installed
 # when running as root.
-SYSTEM_PACKAGES := docker.io docker-compose debootstrap dataset-fashion-mnist chromium chromium-driver prometheus libosmesa6
+SYSTEM_PACKAGES := docker.io docker-compose debootstrap dataset-fashion-mnist chromium chromium-driver prometheus libosmesa6 wrk
 
-.PHONY: serve test system-packages train-policies train-robots play benchmark clean-venvs
+.PHONY: serve test system-packages train-policies train-robots play benchmark peers peers-venv clean-venvs
 
 ## Serve every model in models/ (policy :3001, generator :3002, classifier :3003); Ctrl-C stops.
 serve: $(SERVE_VENV)/.installed
@@ -37,6 +39,25 @@ benchmark: $(DEV_VENV)/.installed
 	@command -v wrk >/dev/null || { [ "$$(id -u)" = 0 ] && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null; } \
 		|| { echo "wrk is missing: apt-get install wrk"; exit 1; }
 	$(DEV_VENV)/bin/python -m loadtests.benchmark $(BENCHMARK_ARGS)
+
+## Our services against LitServe, Ray Serve, Mosec, Triton (PyTriton) and TorchServe on the same
+## ONNX files (writes benchmarks/peers.md); the peers run in their own environment, .venv-peers.
+peers: $(DEV_VENV)/.installed peers-venv
+	@command -v wrk >/dev/null || { [ "$$(id -u)" = 0 ] && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null; } \
+		|| { echo "wrk is missing: apt-get install wrk"; exit 1; }
+	$(DEV_VENV)/bin/python -m loadtests.peers $(PEERS_ARGS)
+
+# TorchServe's worker imports torch (no model here uses it): the CPU wheel where one is on disk
+# (/opt/wheels on the project's machines), else the registry's. Java 17 for TorchServe when root.
+peers-venv: $(PEERS_VENV)/.installed
+$(PEERS_VENV)/.installed: loadtests/peers/requirements.txt
+	@command -v java >/dev/null || { [ "$$(id -u)" = 0 ] && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openjdk-17-jre-headless >/dev/null; } || true
+	$(PYTHON) -m venv $(PEERS_VENV)
+	$(PEERS_VENV)/bin/pip install --quiet --upgrade pip
+	$(PEERS_VENV)/bin/pip install --quiet -r loadtests/peers/requirements.txt
+	$(PEERS_VENV)/bin/pip install --quiet --find-links /opt/wheels "torch==2.13.0+cpu" 2>/dev/null \
+		|| $(PEERS_VENV)/bin/pip install --quiet "torch==2.14.1"
+	touch $@
 
 ## Reproduce the shipped policies (writes a new version under models/).
 train-policies: $(DEV_VENV)/.installed
@@ -67,4 +88,4 @@ $(DEV_VENV)/.installed: pyproject.toml
 	touch $@
 
 clean-venvs:
-	rm -rf $(SERVE_VENV) $(DEV_VENV)
+	rm -rf $(SERVE_VENV) $(DEV_VENV) $(PEERS_VENV)

@@ -16,7 +16,7 @@ import re
 import shutil
 import subprocess
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 LUA = r"""
@@ -26,11 +26,15 @@ function init(args)
   for k = 0, count - 1 do
     local head = io.open(folder .. "/" .. k .. ".head", "r")
     local path, content_type, accept = head:read("*l"), head:read("*l"), head:read("*l")
+    local headers = {["Content-Type"] = content_type}
+    for line in head:lines() do  -- any further headers, one "Name: value" per line
+      local name, value = line:match("^([^:]+): (.*)$")
+      if name then headers[name] = value end
+    end
     head:close()
     local file = io.open(folder .. "/" .. k .. ".body", "rb")
     local body = file:read("*a")
     file:close()
-    local headers = {["Content-Type"] = content_type}
     if accept ~= nil and accept ~= "" then headers["Accept"] = accept end
     requests[k + 1] = wrk.format("POST", path, headers, body)
   end
@@ -48,6 +52,7 @@ class Request:
     content_type: str
     body: bytes
     accept: str = ""
+    headers: dict[str, str] = field(default_factory=dict)  # any others (Triton's Inference-Header-Content-Length)
 
 
 @dataclass
@@ -75,7 +80,8 @@ class Wrk:
         self.folder = Path(tempfile.mkdtemp(prefix="wrk-"))
         (self.folder / "requests.lua").write_text(LUA)
         for k, request in enumerate(requests):
-            (self.folder / f"{k}.head").write_text(f"{request.path}\n{request.content_type}\n{request.accept}\n")
+            (self.folder / f"{k}.head").write_text(f"{request.path}\n{request.content_type}\n{request.accept}\n" +
+                                                   "".join(f"{n}: {v}\n" for n, v in request.headers.items()))
             (self.folder / f"{k}.body").write_bytes(request.body)
         self.count, self.cores = len(requests), cores
 
@@ -100,11 +106,13 @@ class Wrk:
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
-def multipart(files: list[tuple[str, bytes, str]], field: str = "images") -> tuple[bytes, str]:
-    """A multipart/form-data body of files: (body, its Content-Type with the boundary)."""
+def multipart(files: list[tuple[str, bytes, str]], field: str | list[str] = "images") -> tuple[bytes, str]:
+    """A multipart/form-data body of files: (body, its Content-Type with the boundary). field: the
+    form field of every file, or one per file."""
     boundary = "benchmark-7d1c52f0a3b94e6c"
+    fields = [field] * len(files) if isinstance(field, str) else field
     parts = []
-    for name, data, content_type in files:
+    for (name, data, content_type), field in zip(files, fields):
         parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{field}"; filename="{name}"\r\n'
                      f"Content-Type: {content_type}\r\n\r\n".encode() + data + b"\r\n")
     return b"".join(parts) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
