@@ -10,11 +10,10 @@ SERVE_ARGS ?=
 # Debian packages the tests use: Docker + compose + debootstrap for the container test,
 # Fashion-MNIST for the generator and classifier, Chromium and its driver for the console
 # tests, OSMesa for rendering the MuJoCo robots offscreen (`play --record`, its test), wrk for the
-# peer benchmark's test. Installed
-# when running as root.
+# peer benchmark's test. Installed when running as root.
 SYSTEM_PACKAGES := docker.io docker-compose debootstrap dataset-fashion-mnist chromium chromium-driver prometheus libosmesa6 wrk
 
-.PHONY: serve test system-packages train-policies train-robots play benchmark peers peers-venv clean-venvs
+.PHONY: serve test system-packages train-policies train-robots play benchmark peers peers-venv wrk clean-venvs
 
 ## Serve every model in models/ (policy :3001, generator :3002, classifier :3003); Ctrl-C stops.
 serve: $(SERVE_VENV)/.installed
@@ -35,16 +34,17 @@ system-packages:
 
 ## Benchmark the services against raw onnxruntime and a bare BentoML floor (writes BENCHMARKS.md);
 ## wrk drives the load (apt-get installed when root). BENCHMARK_ARGS="--services policy" etc.
-benchmark: $(DEV_VENV)/.installed
+benchmark: $(DEV_VENV)/.installed wrk
+	$(DEV_VENV)/bin/python -m loadtests.benchmark $(BENCHMARK_ARGS)
+
+# The load generator of the benchmarks (apt-get installed when root).
+wrk:
 	@command -v wrk >/dev/null || { [ "$$(id -u)" = 0 ] && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null; } \
 		|| { echo "wrk is missing: apt-get install wrk"; exit 1; }
-	$(DEV_VENV)/bin/python -m loadtests.benchmark $(BENCHMARK_ARGS)
 
 ## Our services against LitServe, Ray Serve, Mosec, Triton (PyTriton) and TorchServe on the same
 ## ONNX files (writes benchmarks/peers.md); the peers run in their own environment, .venv-peers.
-peers: $(DEV_VENV)/.installed peers-venv
-	@command -v wrk >/dev/null || { [ "$$(id -u)" = 0 ] && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null; } \
-		|| { echo "wrk is missing: apt-get install wrk"; exit 1; }
+peers: $(DEV_VENV)/.installed peers-venv wrk
 	$(DEV_VENV)/bin/python -m loadtests.peers $(PEERS_ARGS)
 
 # TorchServe's worker imports torch (no model here uses it): the CPU wheel where one is on disk

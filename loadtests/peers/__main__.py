@@ -249,9 +249,9 @@ def compare(endpoint: Endpoint, peers: list[Peer], python: Path, server_cores: s
     expected = expected_answers(endpoint, items)
     ours_requests = wire.requests("ours", endpoint.name, items)
     results = []
-    workload = WORKLOADS[endpoint.workload]
-    with serving(next(s.target for s in processes.SERVICES if s.name == endpoint.service), f"peers-{endpoint.service}", server_cores, server_env(workload, True, 1, "cpu"), logs,
-                 f"peers-ours-{endpoint.name}") as ours:
+    target = next(s.target for s in processes.SERVICES if s.name == endpoint.service)
+    env = server_env(WORKLOADS[endpoint.workload], True, 1, "cpu")
+    with serving(target, f"peers-{endpoint.service}", server_cores, env, logs, f"peers-ours-{endpoint.name}") as ours:
         problem = check(ours, ours_requests, expected, "ours", endpoint.name)
         if problem:
             raise SystemExit(f"our /{endpoint.name} does not answer as onnxruntime does: {problem}")

@@ -19,17 +19,16 @@ class Act(ls.LitAPI):
         return np.asarray(request["observations"], np.float32)
 
     def batch(self, inputs):
-        return inputs  # the requests' arrays; merged in predict, split back by count
+        return inputs  # the requests' arrays, merged by work.Policy.answers
 
     def predict(self, batch):
-        rows = self.policy.act(np.concatenate(batch))
-        return work.split(rows, [len(b) for b in batch])
+        return self.policy.answers(batch)
 
     def unbatch(self, output):
         return output
 
-    def encode_response(self, rows):
-        return work.policy_answer(rows)
+    def encode_response(self, answer):
+        return answer
 
 
 class Classify(ls.LitAPI):
@@ -43,14 +42,13 @@ class Classify(ls.LitAPI):
         return inputs
 
     def predict(self, batch):
-        rows = self.classifier.classify([f for files in batch for f in files])
-        return work.split(rows, [len(files) for files in batch])
+        return self.classifier.answers(batch)
 
     def unbatch(self, output):
         return output
 
-    def encode_response(self, rows):
-        return work.classifier_answer(rows)
+    def encode_response(self, answer):
+        return answer
 
 
 if __name__ == "__main__":

@@ -27,8 +27,7 @@ class Act(Worker):
         return np.asarray(json.loads(data)["observations"], np.float32)
 
     def forward(self, batch: list[np.ndarray]) -> list[dict]:
-        rows = self.policy.act(np.concatenate(batch))
-        return [work.policy_answer(r) for r in work.split(rows, [len(b) for b in batch])]
+        return self.policy.answers(batch)
 
     def serialize(self, answer: dict) -> bytes:
         return json.dumps(answer).encode()
@@ -43,8 +42,7 @@ class Classify(Worker):
         return work.multipart_files(data)
 
     def forward(self, batch: list[list[bytes]]) -> list[dict]:
-        rows = self.classifier.classify([f for files in batch for f in files])
-        return [work.classifier_answer(r) for r in work.split(rows, [len(files) for files in batch])]
+        return self.classifier.answers(batch)
 
     def serialize(self, answer: dict) -> bytes:
         return json.dumps(answer).encode()

@@ -28,8 +28,7 @@ class Act:
 
     @serve.batch(max_batch_size=args.max_batch, batch_wait_timeout_s=args.wait_ms / 1000)
     async def answer(self, batch: list[np.ndarray]) -> list[dict]:
-        rows = self.policy.act(np.concatenate(batch))
-        return [work.policy_answer(r) for r in work.split(rows, [len(b) for b in batch])]
+        return self.policy.answers(batch)
 
     async def __call__(self, request: Request) -> dict:
         return await self.answer(np.asarray((await request.json())["observations"], np.float32))
@@ -42,8 +41,7 @@ class Classify:
 
     @serve.batch(max_batch_size=args.max_batch, batch_wait_timeout_s=args.wait_ms / 1000)
     async def answer(self, batch: list[list[bytes]]) -> list[dict]:
-        rows = self.classifier.classify([f for files in batch for f in files])
-        return [work.classifier_answer(r) for r in work.split(rows, [len(files) for files in batch])]
+        return self.classifier.answers(batch)
 
     async def __call__(self, request: Request) -> dict:
         form = await request.form()

@@ -30,12 +30,8 @@ def handle(data, context):
     if data is None:
         return None
     if endpoint == "act":
-        batch = [np.asarray(_body(r)["observations"], np.float32) for r in data]
-        rows = _model.act(np.concatenate(batch))
-        return [work.policy_answer(r) for r in work.split(rows, [len(b) for b in batch])]
-    batch = [_files(r) for r in data]
-    rows = _model.classify([f for files in batch for f in files])
-    return [work.classifier_answer(r) for r in work.split(rows, [len(files) for files in batch])]
+        return _model.answers([np.asarray(_body(r)["observations"], np.float32) for r in data])
+    return _model.answers([_files(r) for r in data])
 
 
 def _body(request: dict):

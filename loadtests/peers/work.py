@@ -8,8 +8,10 @@ with the fields and values of ours, so the harness can check them equal before t
 
     policy = Policy()                       # models/policy/cartpole, newest version
     policy.act(np.float32 [N, 4])           # -> one {"action", "value", "probabilities"} per row
+    policy.answers([array, ...])            # a peer's merged requests -> one /act answer each
     classifier = Classifier()
     classifier.classify([file bytes, ...])  # -> one {"predictions", "in_domain", "domain_score"} per file
+    classifier.answers([[file bytes, ...], ...])  # -> one /classify answer each
 """
 
 from __future__ import annotations
@@ -41,6 +43,11 @@ class Policy:
         return [{"action": int(a), "value": float(v), "probabilities": p.tolist()}
                 for a, p, v in zip(action, probabilities, value)]
 
+    def answers(self, requests: list[np.ndarray]) -> list[dict]:
+        """A peer's merged batch of requests (observation arrays): one model call, one /act answer each."""
+        rows = self.act(np.concatenate(requests))
+        return [policy_answer(r) for r in split(rows, [len(array) for array in requests])]
+
 
 class Classifier:
     def __init__(self, name: str = "fashion", top_k: int = 5):
@@ -60,6 +67,11 @@ class Classifier:
         return [{"predictions": [{"label": self.labels[j], "score": float(row[j])} for j in top],
                  "in_domain": bool(s >= self.threshold), "domain_score": round(float(s), 4)}
                 for row, top, s in zip(probabilities, order, scores)]
+
+    def answers(self, requests: list[list[bytes]]) -> list[dict]:
+        """A peer's merged batch of requests (file lists): one model call, one /classify answer each."""
+        rows = self.classify([f for files in requests for f in files])
+        return [classifier_answer(r) for r in split(rows, [len(files) for files in requests])]
 
 
 def split(rows: list[dict], counts: list[int]) -> list[list[dict]]:
